@@ -1,0 +1,10 @@
+/**
+ * The list of migrations, in order. Imported statically (not read from the folder at run time)
+ * so the same list runs under tsx, vitest and the compiled image. Add a line per new migration.
+ */
+import type { Migration } from 'kysely';
+import * as hierarchy from './20261121000100_hierarchy.js';
+
+export const migrations: Record<string, Migration> = {
+  '20261121000100_hierarchy': hierarchy,
+};

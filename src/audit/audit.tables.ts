@@ -1,0 +1,2 @@
+/** Audit tables (owned by the audit module). */
+export interface AuditTables {}

@@ -1,0 +1,165 @@
+/**
+ * The only place that reads process.env. Every setting is described, typed and (except
+ * secrets) defaulted; `loadConfig` collects every problem before failing so an operator fixes
+ * them all in one go.
+ */
+import path from 'node:path';
+
+export interface Config {
+  port: number;
+  host: string;
+  logLevel: 'fatal' | 'error' | 'warn' | 'info' | 'debug' | 'trace' | 'silent';
+  dataDir: string;
+  databaseUrl: string | undefined;
+  databasePoolSize: number;
+  migrateOnStart: boolean;
+  rootKey: Buffer | undefined;
+  vault:
+    | {
+        addr: string;
+        token: string;
+        namespace: string | undefined;
+        transitMount: string;
+        requestTimeoutMs: number;
+      }
+    | undefined;
+  kekName: string;
+  auth: {
+    jwksUrl: string | undefined;
+    issuer: string;
+    audience: string;
+    clockToleranceSeconds: number;
+  };
+  keyCache: { ttlSeconds: number; maxEntries: number };
+  bodyLimitBytes: number;
+}
+
+export class ConfigError extends Error {
+  constructor(readonly problems: string[]) {
+    super(`Invalid configuration:\n${problems.map((p) => `  - ${p}`).join('\n')}`);
+    this.name = 'ConfigError';
+  }
+}
+
+/** Documented settings: used by the README table and by `keystrata --help`. */
+export const SETTINGS: ReadonlyArray<{ name: string; default: string; meaning: string }> = [
+  { name: 'PORT', default: '8080', meaning: 'TCP port the API listens on' },
+  { name: 'HOST', default: '127.0.0.1', meaning: 'address the API listens on (0.0.0.0 in containers)' },
+  { name: 'LOG_LEVEL', default: 'info', meaning: 'pino level: fatal, error, warn, info, debug, trace, silent' },
+  { name: 'KEYSTRATA_DATA_DIR', default: './data', meaning: 'PGlite files, local root key, local token issuer key' },
+  { name: 'DATABASE_URL', default: 'unset → embedded PGlite', meaning: 'PostgreSQL connection string' },
+  { name: 'DATABASE_POOL_SIZE', default: '10', meaning: 'maximum PostgreSQL connections per process' },
+  { name: 'KEYSTRATA_MIGRATE_ON_START', default: 'true', meaning: 'apply pending migrations at start-up' },
+  { name: 'KEYSTRATA_ROOT_KEY', default: 'unset → key file in the data dir', meaning: 'base64 32-byte root key of the local KEK provider' },
+  { name: 'VAULT_ADDR', default: 'unset → local KEK provider', meaning: 'Vault or OpenBao address' },
+  { name: 'VAULT_TOKEN', default: '(secret, required with VAULT_ADDR)', meaning: 'Vault token allowed to use the transit key' },
+  { name: 'VAULT_NAMESPACE', default: 'unset', meaning: 'Vault Enterprise / OpenBao namespace' },
+  { name: 'VAULT_TRANSIT_MOUNT', default: 'transit', meaning: 'mount path of the transit engine' },
+  { name: 'VAULT_REQUEST_TIMEOUT_MS', default: '5000', meaning: 'timeout of one Vault request' },
+  { name: 'KEYSTRATA_KEK_NAME', default: 'keystrata-kek', meaning: 'name of the KEK (transit key)' },
+  { name: 'AUTH_JWKS_URL', default: 'unset → local development issuer', meaning: 'JWKS URL of the production identity provider' },
+  { name: 'AUTH_ISSUER', default: 'keystrata-dev (local issuer)', meaning: 'required `iss` of bearer tokens' },
+  { name: 'AUTH_AUDIENCE', default: 'keystrata', meaning: 'required `aud` of bearer tokens' },
+  { name: 'AUTH_CLOCK_TOLERANCE_SECONDS', default: '30', meaning: 'allowed clock skew when checking exp/nbf' },
+  { name: 'KEY_CACHE_TTL_SECONDS', default: '3600', meaning: 'how long unwrapped parent keys stay in memory' },
+  { name: 'KEY_CACHE_MAX_ENTRIES', default: '100000', meaning: 'size bound of the unwrapped parent key cache' },
+  { name: 'BODY_LIMIT_BYTES', default: '1048576', meaning: 'largest accepted request body' },
+];
+
+type Env = Record<string, string | undefined>;
+
+export function loadConfig(env: Env = process.env): Readonly<Config> {
+  const problems: string[] = [];
+  const read = (name: string): string | undefined => {
+    const value = env[name];
+    return value === undefined || value === '' ? undefined : value;
+  };
+  const int = (name: string, fallback: number, min: number, max: number): number => {
+    const raw = read(name);
+    if (raw === undefined) return fallback;
+    const value = Number(raw);
+    if (!/^\d+$/.test(raw) || value < min || value > max) {
+      problems.push(`${name} must be an integer from ${min} to ${max} (got "${raw}")`);
+      return fallback;
+    }
+    return value;
+  };
+  const bool = (name: string, fallback: boolean): boolean => {
+    const raw = read(name);
+    if (raw === undefined) return fallback;
+    if (raw === 'true' || raw === '1') return true;
+    if (raw === 'false' || raw === '0') return false;
+    problems.push(`${name} must be true or false (got "${raw}")`);
+    return fallback;
+  };
+  const url = (name: string, protocols: string[]): string | undefined => {
+    const raw = read(name);
+    if (raw === undefined) return undefined;
+    try {
+      const parsed = new URL(raw);
+      if (!protocols.includes(parsed.protocol)) throw new Error('protocol');
+      return raw;
+    } catch {
+      // The value itself may carry credentials (DATABASE_URL): never echo it.
+      problems.push(`${name} must be a ${protocols.join(' or ')} URL`);
+      return undefined;
+    }
+  };
+
+  const levels = ['fatal', 'error', 'warn', 'info', 'debug', 'trace', 'silent'] as const;
+  const logLevelRaw = read('LOG_LEVEL') ?? 'info';
+  const logLevel = (levels as readonly string[]).includes(logLevelRaw)
+    ? (logLevelRaw as Config['logLevel'])
+    : (problems.push(`LOG_LEVEL must be one of ${levels.join(', ')} (got "${logLevelRaw}")`), 'info' as const);
+
+  let rootKey: Buffer | undefined;
+  const rootKeyRaw = read('KEYSTRATA_ROOT_KEY');
+  if (rootKeyRaw !== undefined) {
+    const decoded = Buffer.from(rootKeyRaw, 'base64');
+    if (decoded.length !== 32 || decoded.toString('base64') !== rootKeyRaw.replace(/\s/g, '')) {
+      problems.push('KEYSTRATA_ROOT_KEY must be exactly 32 bytes, base64-encoded');
+    } else {
+      rootKey = decoded;
+    }
+  }
+
+  const vaultAddr = url('VAULT_ADDR', ['http:', 'https:']);
+  const vaultToken = read('VAULT_TOKEN');
+  if (read('VAULT_ADDR') !== undefined && vaultToken === undefined) problems.push('VAULT_TOKEN is required when VAULT_ADDR is set');
+  const transitMount = read('VAULT_TRANSIT_MOUNT') ?? 'transit';
+  if (!/^[A-Za-z0-9_-]+(\/[A-Za-z0-9_-]+)*$/.test(transitMount)) problems.push('VAULT_TRANSIT_MOUNT must be a mount path such as "transit"');
+  const kekName = read('KEYSTRATA_KEK_NAME') ?? 'keystrata-kek';
+  if (!/^[A-Za-z0-9_.-]{1,128}$/.test(kekName)) problems.push('KEYSTRATA_KEK_NAME must match ^[A-Za-z0-9_.-]{1,128}$');
+  const vaultTimeout = int('VAULT_REQUEST_TIMEOUT_MS', 5000, 100, 120_000);
+
+  const jwksUrl = url('AUTH_JWKS_URL', ['http:', 'https:']);
+  const config: Config = {
+    port: int('PORT', 8080, 0, 65535),
+    host: read('HOST') ?? '127.0.0.1',
+    logLevel,
+    dataDir: path.resolve(read('KEYSTRATA_DATA_DIR') ?? './data'),
+    databaseUrl: url('DATABASE_URL', ['postgres:', 'postgresql:']),
+    databasePoolSize: int('DATABASE_POOL_SIZE', 10, 1, 500),
+    migrateOnStart: bool('KEYSTRATA_MIGRATE_ON_START', true),
+    rootKey,
+    vault:
+      vaultAddr && vaultToken
+        ? { addr: vaultAddr, token: vaultToken, namespace: read('VAULT_NAMESPACE'), transitMount, requestTimeoutMs: vaultTimeout }
+        : undefined,
+    kekName,
+    auth: {
+      jwksUrl,
+      issuer: read('AUTH_ISSUER') ?? 'keystrata-dev',
+      audience: read('AUTH_AUDIENCE') ?? 'keystrata',
+      clockToleranceSeconds: int('AUTH_CLOCK_TOLERANCE_SECONDS', 30, 0, 600),
+    },
+    keyCache: {
+      ttlSeconds: int('KEY_CACHE_TTL_SECONDS', 3600, 1, 86_400),
+      maxEntries: int('KEY_CACHE_MAX_ENTRIES', 100_000, 1, 10_000_000),
+    },
+    bodyLimitBytes: int('BODY_LIMIT_BYTES', 1_048_576, 1024, 64 * 1_048_576),
+  };
+  if (jwksUrl !== undefined && read('AUTH_ISSUER') === undefined) problems.push('AUTH_ISSUER is required when AUTH_JWKS_URL is set');
+  if (problems.length > 0) throw new ConfigError(problems);
+  return Object.freeze(config);
+}

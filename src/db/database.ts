@@ -1,0 +1,68 @@
+/**
+ * Kysely on `pg` when DATABASE_URL is set, on embedded PGlite (real Postgres in WASM) in the
+ * data directory otherwise. Both speak the same SQL, so every query and migration runs on both.
+ */
+import fs from 'node:fs';
+import path from 'node:path';
+import { Kysely, PostgresDialect, type Transaction } from 'kysely';
+import pg from 'pg';
+import type { HierarchyTables } from './tables.js';
+import type { AuditTables } from '../audit/audit.tables.js';
+import type { KekTables } from '../kek/kek.tables.js';
+
+export interface DB extends HierarchyTables, AuditTables, KekTables {}
+export type Executor = Kysely<DB> | Transaction<DB>;
+
+export interface Database {
+  db: Kysely<DB>;
+  kind: 'postgres' | 'pglite';
+  /** Cheap reachability check for /readyz. */
+  ping(): Promise<void>;
+  close(): Promise<void>;
+}
+
+// int8 (bigint, counts) as JS numbers: every count we keep fits in 2^53.
+pg.types.setTypeParser(20, (value: string) => Number(value));
+
+export function createPostgresDatabase(connectionString: string, poolSize = 10): Database {
+  const pool = new pg.Pool({ connectionString, max: poolSize, connectionTimeoutMillis: 5000 });
+  // An idle client losing its connection (PostgreSQL restart) must not crash the process.
+  pool.on('error', () => {});
+  const db = new Kysely<DB>({ dialect: new PostgresDialect({ pool }) });
+  return {
+    db,
+    kind: 'postgres',
+    async ping() {
+      await pool.query('select 1');
+    },
+    async close() {
+      await db.destroy();
+    },
+  };
+}
+
+/** `dataDir` undefined → in-memory (tests without a PostgreSQL server). */
+export async function createPgliteDatabase(dataDir: string | undefined): Promise<Database> {
+  const { PGlite } = await import('@electric-sql/pglite');
+  const { PGliteDialect } = await import('kysely-pglite-dialect');
+  let client;
+  if (dataDir === undefined) {
+    client = new PGlite();
+  } else {
+    const dir = path.join(dataDir, 'pglite');
+    fs.mkdirSync(dir, { recursive: true, mode: 0o700 });
+    client = new PGlite(dir);
+  }
+  await client.waitReady;
+  const db = new Kysely<DB>({ dialect: new PGliteDialect(client) });
+  return {
+    db,
+    kind: 'pglite',
+    async ping() {
+      await client.query('select 1');
+    },
+    async close() {
+      await db.destroy();
+    },
+  };
+}

@@ -1,0 +1,2 @@
+/** Tables of the `local` KEK provider (non-secret state only: versions, min decryption version). */
+export interface KekTables {}
