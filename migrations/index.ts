@@ -4,7 +4,9 @@
  */
 import type { Migration } from 'kysely';
 import * as hierarchy from './20261121000100_hierarchy.js';
+import * as localKek from './20261121000150_local_kek.js';
 
 export const migrations: Record<string, Migration> = {
   '20261121000100_hierarchy': hierarchy,
+  '20261121000150_local_kek': localKek,
 };

@@ -25,6 +25,12 @@ export interface KekInfo {
   versions: KekVersionInfo[];
 }
 
+/** The few logger methods providers use (pino's logger fits). Never pass secrets to it. */
+export interface KekLogger {
+  warn(message: string): void;
+  info?(message: string): void;
+}
+
 export type RewrapResult = { ok: true; blob: string } | { ok: false; error: string };
 
 export interface KekProvider {
