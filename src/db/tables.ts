@@ -2,9 +2,11 @@
  * Table types of the key hierarchy. Each feature's tables are declared next to its data
  * access (audit/audit.tables.ts, kek/kek.tables.ts) and joined into one `DB` in db/database.ts.
  */
-import type { ColumnType, Generated } from 'kysely';
+import type { ColumnType } from 'kysely';
 
 type Timestamp = ColumnType<Date, Date | string, Date | string>;
+/** a timestamp column with a database default */
+type DefaultedTimestamp = ColumnType<Date, Date | string | undefined, Date | string>;
 
 export type VersionState =
   | 'pending'
@@ -19,7 +21,7 @@ export interface KeyGroupsTable {
   id: string;
   device_type: string;
   region: string;
-  created_at: Generated<Timestamp>;
+  created_at: DefaultedTimestamp;
 }
 
 /** A group DEK version: 32 bytes wrapped by the KEK (provider blob, e.g. `vault:v3:…`). */
@@ -30,8 +32,8 @@ export interface GroupVersionsTable {
   /** null once destroyed */
   wrapped_key: string | null;
   kek_version: number;
-  created_at: Generated<Timestamp>;
-  state_changed_at: Generated<Timestamp>;
+  created_at: DefaultedTimestamp;
+  state_changed_at: DefaultedTimestamp;
   /** when the current state ends (grace end, destruction time), if it does */
   state_until: Timestamp | null;
 }
@@ -39,7 +41,7 @@ export interface GroupVersionsTable {
 export interface DevicesTable {
   id: string;
   group_id: string;
-  created_at: Generated<Timestamp>;
+  created_at: DefaultedTimestamp;
 }
 
 /** A device DEK version: `nonce ‖ ciphertext ‖ tag` under one group DEK version. */
@@ -49,15 +51,15 @@ export interface DeviceVersionsTable {
   state: VersionState;
   wrapped_key: Buffer | null;
   parent_version: number;
-  created_at: Generated<Timestamp>;
-  state_changed_at: Generated<Timestamp>;
+  created_at: DefaultedTimestamp;
+  state_changed_at: DefaultedTimestamp;
   state_until: Timestamp | null;
 }
 
 export interface FieldKeysTable {
   device_id: string;
   field: string;
-  created_at: Generated<Timestamp>;
+  created_at: DefaultedTimestamp;
 }
 
 /** A field key version: `nonce ‖ ciphertext ‖ tag` under one device DEK version. */
@@ -68,8 +70,8 @@ export interface FieldVersionsTable {
   state: VersionState;
   wrapped_key: Buffer | null;
   parent_version: number;
-  created_at: Generated<Timestamp>;
-  state_changed_at: Generated<Timestamp>;
+  created_at: DefaultedTimestamp;
+  state_changed_at: DefaultedTimestamp;
   state_until: Timestamp | null;
 }
 
@@ -78,8 +80,8 @@ export interface ClientsTable {
   id: string;
   delivery_jwk: string; // JSON text of the public JWK
   delivery_kid: string; // RFC 7638 thumbprint
-  created_at: Generated<Timestamp>;
-  updated_at: Generated<Timestamp>;
+  created_at: DefaultedTimestamp;
+  updated_at: DefaultedTimestamp;
 }
 
 export interface HierarchyTables {

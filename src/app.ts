@@ -1,0 +1,116 @@
+/**
+ * The composition root: builds the Fastify app from its parts and never listens. The server
+ * (server.ts) and the tests (app.inject) both call buildApp with their own parts.
+ */
+import crypto from 'node:crypto';
+import type { IncomingMessage, Server, ServerResponse } from 'node:http';
+import Fastify, { type FastifyBaseLogger, type FastifyInstance } from 'fastify';
+import type { TypeBoxTypeProvider } from '@fastify/type-provider-typebox';
+import type { Logger } from 'pino';
+import type { AuditSink } from './audit/audit.types.js';
+import { AuthenticationError, type Authenticator } from './auth/authenticator.js';
+import { hasScope } from './auth/principal.js';
+import type { Clock } from './clock.js';
+import type { Config } from './config.js';
+import type { Database } from './db/database.js';
+import { createClientService } from './delivery/client.service.js';
+import { deliveryRoutes } from './delivery/delivery.routes.js';
+import { createKeyFetchService } from './delivery/key-fetch.service.js';
+import { ForbiddenError } from './http/errors.js';
+import { registerErrorHandling } from './http/error-handler.js';
+import { healthRoutes } from './http/health.routes.js';
+import { Problem } from './http/schemas.js';
+import { registerSwagger } from './http/swagger.js';
+import './http/request-context.js';
+import { kekRoutes } from './kek/kek.routes.js';
+import type { KekProvider } from './kek/kek.types.js';
+import { createKeyCache } from './keys/key-cache.js';
+import { createKeyMaterial } from './keys/key-material.js';
+import { keyRoutes } from './keys/key.routes.js';
+import { createKeyService } from './keys/key.service.js';
+
+export interface AppDeps {
+  config: Readonly<Config>;
+  database: Database;
+  kek: KekProvider;
+  audit: AuditSink;
+  authenticator: Authenticator;
+  clock: Clock;
+  logger: Logger;
+  /** extra route plugins (e.g. audit routes), registered after the core routes */
+  plugins?: ReadonlyArray<(app: KeystrataApp) => Promise<void>>;
+}
+
+export type KeystrataApp = FastifyInstance<Server, IncomingMessage, ServerResponse, FastifyBaseLogger, TypeBoxTypeProvider>;
+
+const REQUEST_ID = /^[A-Za-z0-9._:-]{8,64}$/;
+
+export async function buildApp(deps: AppDeps): Promise<KeystrataApp> {
+  const { config, database, kek, audit, authenticator, clock } = deps;
+  const app = Fastify({
+    loggerInstance: deps.logger as FastifyBaseLogger,
+    bodyLimit: config.bodyLimitBytes,
+    // a well-formed incoming id is kept so calls can be traced across services
+    genReqId: (req) => {
+      const incoming = req.headers['x-request-id'];
+      return typeof incoming === 'string' && REQUEST_ID.test(incoming) ? incoming : crypto.randomUUID();
+    },
+    requestIdHeader: false,
+    ajv: { customOptions: { removeAdditional: false, coerceTypes: 'array', allErrors: false } },
+    routerOptions: { maxParamLength: 200 },
+  }).withTypeProvider<TypeBoxTypeProvider>();
+
+  app.addSchema(Problem);
+  registerErrorHandling(app);
+  await registerSwagger(app);
+  app.addHook('onSend', async (request, reply) => {
+    reply.header('x-request-id', request.id);
+    reply.header('cache-control', 'no-store');
+  });
+
+  const cache = createKeyCache(config.keyCache);
+  const material = createKeyMaterial({
+    kek,
+    cache,
+    onUnwrapFailure: ({ keyId, version }) => {
+      audit.recordRead([{ actor: 'system', action: 'key.unwrap', outcome: 'failure', keyId, details: { version } }]).catch((err: unknown) => {
+        deps.logger.error({ err }, 'could not audit a failed unwrap');
+      });
+    },
+  });
+  const keys = createKeyService({ db: database.db, material, audit, clock });
+  const clients = createClientService({ db: database.db, audit, clock });
+  const fetch = createKeyFetchService({ db: database.db, material, clients, audit });
+
+  // Deny by default: a route must say it is public or name the scope it needs.
+  app.addHook('onRequest', async (request) => {
+    const routeConfig = request.routeOptions.config;
+    if (routeConfig.public || request.routeOptions.url?.startsWith('/docs')) return;
+    if (request.routeOptions.url === undefined) return; // no route: the not-found handler answers 404
+    try {
+      request.principal = await authenticator.authenticate(request.headers.authorization);
+    } catch (error) {
+      if (error instanceof AuthenticationError) {
+        await audit.recordRead([
+          { actor: 'anonymous', action: 'auth.failed', outcome: 'denied', requestId: request.id, details: { reason: error.reason, method: request.method, route: request.routeOptions.url } },
+        ]);
+      }
+      throw error;
+    }
+    const scope = routeConfig.scope;
+    if (scope === undefined || !hasScope(request.principal, scope)) {
+      await audit.recordRead([
+        { actor: request.principal.sub, action: 'authz.refused', outcome: 'denied', requestId: request.id, details: { required: scope ?? 'none', method: request.method, route: request.routeOptions.url } },
+      ]);
+      throw new ForbiddenError(scope ? `This operation needs the ${scope} scope` : 'This operation is not available', 'insufficient_scope');
+    }
+  });
+
+  await app.register(healthRoutes, { checks: { database: () => database.ping(), kek: () => kek.health() } });
+  await app.register(kekRoutes, { kek });
+  await app.register(keyRoutes, { keys });
+  await app.register(deliveryRoutes, { clients, fetch });
+  for (const plugin of deps.plugins ?? []) await app.register(plugin);
+  return app;
+}
+

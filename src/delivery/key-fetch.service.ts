@@ -1,0 +1,220 @@
+/**
+ * Key fetch: resolve what a backend asked for, check it may have it, unwrap it down the
+ * hierarchy and hand it over as one JWE to the client's registered delivery key. The JWE is
+ * the only form key material ever leaves the process in; the delivery is audited (group
+ * commit) before the response is sent.
+ */
+import type { Kysely } from 'kysely';
+import type { AuditSink } from '../audit/audit.types.js';
+import { canReachGroup, hasScope, type Principal } from '../auth/principal.js';
+import { encryptKeySet, type DeliveredKey, type DeliveryKey } from '../crypto/jwe.js';
+import { fieldKeyId } from '../crypto/binding.js';
+import type { DB } from '../db/database.js';
+import { ConflictError, ForbiddenError, GoneError, NotFoundError } from '../http/errors.js';
+import type { KeyMaterial } from '../keys/key-material.js';
+import * as keys from '../keys/key.repository.js';
+import type { ClientService } from './client.service.js';
+
+export const MAX_FETCH_ITEMS = 1000;
+
+export interface FetchItem {
+  deviceId: string;
+  field?: string | undefined;
+  /** a version number; omitted or 'all' → every deliverable version */
+  version?: number | 'all' | undefined;
+}
+
+export type MissingReason = 'not_found' | 'not_deliverable' | 'destroyed';
+
+export interface MissingItem {
+  deviceId: string;
+  field?: string;
+  version?: number | 'all';
+  reason: MissingReason;
+}
+
+interface Resolved {
+  keys: DeliveredKey[];
+  missing: MissingItem[];
+}
+
+type VersionRow = keys.DeviceVersionRow | keys.FieldVersionRow;
+
+export function createKeyFetchService(deps: { db: Kysely<DB>; material: KeyMaterial; clients: ClientService; audit: AuditSink }) {
+  const { db, material, clients, audit } = deps;
+
+  /** GET /v1/devices/{id}/keys and /fields/{field}/keys: one item, errors as HTTP problems. */
+  async function fetchOne(principal: Principal, requestId: string, item: FetchItem): Promise<{ jwe: string }> {
+    const delivery = await requireDeliveryKey(principal);
+    const { keys: delivered, missing } = await resolve(principal, [item]);
+    const miss = missing[0];
+    if (miss) {
+      const what = item.field ? `Field key ${item.field} of device ${item.deviceId}` : `Device ${item.deviceId}`;
+      const versionText = typeof item.version === 'number' ? ` version ${item.version}` : '';
+      await audit.recordRead([
+        { actor: principal.sub, requestId, action: 'key.deliver', outcome: 'failure', keyId: keyIdOf(item), details: { reason: miss.reason, version: item.version ?? 'all' } },
+      ]);
+      if (miss.reason === 'destroyed') throw new GoneError(`${what}${versionText} has been destroyed`);
+      if (miss.reason === 'not_deliverable') throw new ConflictError(`${what}${versionText} is not deliverable in its current state`, 'version_not_deliverable');
+      throw new NotFoundError(`${what}${versionText} not found (or not in the groups of your token)`);
+    }
+    return deliver(principal, requestId, delivery, delivered, keyIdOf(item));
+  }
+
+  /** POST /v1/keys/fetch: up to 1,000 items, one JWE, unresolvable items listed in `missing`. */
+  async function fetchMany(principal: Principal, requestId: string, items: readonly FetchItem[]): Promise<{ jwe: string; missing: MissingItem[] }> {
+    const delivery = await requireDeliveryKey(principal);
+    const { keys: delivered, missing } = await resolve(principal, items);
+    const { jwe } = await deliver(principal, requestId, delivery, delivered, 'bulk', missing.length);
+    return { jwe, missing };
+  }
+
+  async function requireDeliveryKey(principal: Principal) {
+    if (!hasScope(principal, 'keystrata:keys:read')) throw new ForbiddenError('The token lacks the keystrata:keys:read scope', 'insufficient_scope');
+    const delivery = await clients.deliveryKeyFor(principal.sub);
+    if (!delivery) {
+      throw new ForbiddenError(
+        `No delivery key is registered for client ${principal.sub}: an admin must PUT /v1/clients/${principal.sub}/delivery-key first`,
+        'delivery_key_missing',
+      );
+    }
+    return delivery;
+  }
+
+  async function deliver(
+    principal: Principal,
+    requestId: string,
+    delivery: { kid: string; key: DeliveryKey },
+    delivered: DeliveredKey[],
+    keyId: string,
+    missingCount = 0,
+  ): Promise<{ jwe: string }> {
+    try {
+      const jwe = await encryptKeySet(delivery.key, delivery.kid, delivered);
+      // fail closed: no audit row, no keys
+      await audit.recordRead([
+        {
+          actor: principal.sub,
+          requestId,
+          action: 'key.deliver',
+          outcome: 'success',
+          keyId,
+          details: { kids: delivered.map((k) => k.kid), deliveryKid: delivery.kid, missing: missingCount },
+        },
+      ]);
+      return { jwe };
+    } finally {
+      for (const k of delivered) k.key.fill(0);
+    }
+  }
+
+  async function resolve(principal: Principal, items: readonly FetchItem[]): Promise<Resolved> {
+    const deviceIds = [...new Set(items.map((i) => i.deviceId))];
+    const devices = new Map((await keys.findDevices(db, deviceIds)).map((d) => [d.id, d.group_id]));
+    const reachable = deviceIds.filter((id) => {
+      const groupId = devices.get(id);
+      return groupId !== undefined && canReachGroup(principal, groupId);
+    });
+    const reachableSet = new Set(reachable);
+    const fieldDevices = [...new Set(items.filter((i) => i.field !== undefined && reachableSet.has(i.deviceId)).map((i) => i.deviceId))];
+    const [deviceVersions, fieldVersions] = await Promise.all([keys.listDeviceVersions(db, reachable), keys.listFieldVersions(db, fieldDevices)]);
+    const groupIds = [...new Set(reachable.map((id) => devices.get(id) as string))];
+    const groupVersions = await keys.listGroupVersions(db, groupIds);
+
+    const byDevice = groupBy(deviceVersions, (v) => v.device_id);
+    const byField = groupBy(fieldVersions, (v) => `${v.device_id}/${v.field}`);
+    const groupVersionOf = new Map(groupVersions.map((g) => [`${g.group_id}:${g.version}`, g]));
+
+    const out: Resolved = { keys: [], missing: [] };
+    const seen = new Set<string>();
+    for (const item of items) {
+      const miss = (reason: MissingReason) => out.missing.push({ deviceId: item.deviceId, ...(item.field ? { field: item.field } : {}), ...(item.version !== undefined ? { version: item.version } : {}), reason });
+      if (!reachableSet.has(item.deviceId)) {
+        miss('not_found');
+        continue;
+      }
+      const candidates = item.field === undefined ? byDevice.get(item.deviceId) ?? [] : byField.get(`${item.deviceId}/${item.field}`) ?? [];
+      const chosen = chooseVersions(candidates, item.version);
+      if (typeof chosen === 'string') {
+        miss(chosen);
+        continue;
+      }
+      const groupId = devices.get(item.deviceId) as string;
+      for (const row of chosen) {
+        const kid = item.field === undefined ? `${item.deviceId}:v${row.version}` : `${fieldKeyId(item.deviceId, item.field)}:v${row.version}`;
+        if (seen.has(kid)) continue;
+        seen.add(kid);
+        const key = await unwrapRow(groupId, row, byDevice.get(item.deviceId) ?? [], groupVersionOf);
+        out.keys.push({
+          kid,
+          key,
+          meta: {
+            state: row.state,
+            stateUntil: row.state_until ? row.state_until.toISOString() : null,
+            version: row.version,
+            deviceId: item.deviceId,
+            ...(item.field !== undefined ? { field: item.field } : {}),
+            createdAt: row.created_at.toISOString(),
+          },
+        });
+      }
+    }
+    return out;
+  }
+
+  async function unwrapRow(
+    groupId: string,
+    row: VersionRow,
+    deviceRows: readonly keys.DeviceVersionRow[],
+    groupVersionOf: Map<string, keys.GroupVersionRow>,
+  ): Promise<Buffer> {
+    const deviceRow = 'field' in row ? deviceRows.find((d) => d.version === row.parent_version) : row;
+    if (!deviceRow) throw new ConflictError(`Parent version ${row.parent_version} of a field key is missing`, 'parent_missing');
+    const groupRow = groupVersionOf.get(`${groupId}:${deviceRow.parent_version}`);
+    if (!groupRow) throw new ConflictError(`Parent group version ${deviceRow.parent_version} is missing`, 'parent_missing');
+    const groupKey = await material.groupKey(groupId, groupRow.version, groupRow.wrapped_key);
+    try {
+      const deviceKey = material.deviceKey(groupKey, groupId, groupRow.version, deviceRow.device_id, deviceRow.version, deviceRow.wrapped_key);
+      if (!('field' in row)) return deviceKey;
+      try {
+        return material.fieldKey(deviceKey, row.device_id, row.parent_version, row.field, row.version, row.wrapped_key);
+      } finally {
+        deviceKey.fill(0);
+      }
+    } finally {
+      groupKey.fill(0);
+    }
+  }
+
+  return { fetchOne, fetchMany };
+}
+
+export type KeyFetchService = ReturnType<typeof createKeyFetchService>;
+
+function chooseVersions<T extends VersionRow>(rows: readonly T[], version: FetchItem['version']): T[] | MissingReason {
+  if (rows.length === 0) return 'not_found';
+  if (typeof version === 'number') {
+    const row = rows.find((r) => r.version === version);
+    if (!row) return 'not_found';
+    if (row.state === 'destroyed') return 'destroyed';
+    return keys.DELIVERABLE_STATES.includes(row.state) ? [row] : 'not_deliverable';
+  }
+  const deliverable = rows.filter((r) => keys.DELIVERABLE_STATES.includes(r.state));
+  if (deliverable.length > 0) return deliverable;
+  return rows.every((r) => r.state === 'destroyed') ? 'destroyed' : 'not_deliverable';
+}
+
+function keyIdOf(item: FetchItem): string {
+  return item.field === undefined ? `device:${item.deviceId}` : `field:${fieldKeyId(item.deviceId, item.field)}`;
+}
+
+function groupBy<T>(rows: readonly T[], key: (row: T) => string): Map<string, T[]> {
+  const map = new Map<string, T[]>();
+  for (const row of rows) {
+    const k = key(row);
+    const list = map.get(k);
+    if (list) list.push(row);
+    else map.set(k, [row]);
+  }
+  return map;
+}

@@ -1,0 +1,149 @@
+/**
+ * SQL of the key hierarchy. Every function takes an executor (the Kysely handle or the
+ * caller's transaction): services decide the transaction boundaries.
+ */
+import type { Insertable, Selectable } from 'kysely';
+import type { Executor } from '../db/database.js';
+import type {
+  DeviceVersionsTable,
+  FieldVersionsTable,
+  GroupVersionsTable,
+  KeyGroupsTable,
+  VersionState,
+} from '../db/tables.js';
+
+export type GroupRow = Selectable<KeyGroupsTable>;
+export type GroupVersionRow = Selectable<GroupVersionsTable>;
+export type DeviceVersionRow = Selectable<DeviceVersionsTable>;
+export type FieldVersionRow = Selectable<FieldVersionsTable>;
+
+/** States whose material may be delivered to backends (DESIGN §2). */
+export const DELIVERABLE_STATES: readonly VersionState[] = ['pending', 'primary', 'grace', 'decrypt_only'];
+
+// Large bulk inserts are split so one statement stays under PostgreSQL's 65,535 parameters.
+const INSERT_CHUNK = 2000;
+
+// ---------- groups ----------
+
+export async function insertGroup(ex: Executor, group: Insertable<KeyGroupsTable>): Promise<void> {
+  await ex.insertInto('key_groups').values(group).execute();
+}
+
+export async function insertGroupVersion(ex: Executor, version: Insertable<GroupVersionsTable>): Promise<void> {
+  await ex.insertInto('group_versions').values(version).execute();
+}
+
+export async function findGroup(ex: Executor, groupId: string): Promise<GroupRow | undefined> {
+  return ex.selectFrom('key_groups').select(['id', 'device_type', 'region', 'created_at']).where('id', '=', groupId).executeTakeFirst();
+}
+
+export async function listGroups(ex: Executor, after: string | undefined, limit: number): Promise<GroupRow[]> {
+  let query = ex.selectFrom('key_groups').select(['id', 'device_type', 'region', 'created_at']).orderBy('id').limit(limit);
+  if (after !== undefined) query = query.where('id', '>', after);
+  return query.execute();
+}
+
+export async function listGroupVersions(ex: Executor, groupIds: readonly string[]): Promise<GroupVersionRow[]> {
+  if (groupIds.length === 0) return [];
+  return ex
+    .selectFrom('group_versions')
+    .select(['group_id', 'version', 'state', 'wrapped_key', 'kek_version', 'created_at', 'state_changed_at', 'state_until'])
+    .where('group_id', 'in', groupIds)
+    .orderBy('group_id')
+    .orderBy('version')
+    .execute();
+}
+
+export async function findGroupVersion(ex: Executor, groupId: string, version: number): Promise<GroupVersionRow | undefined> {
+  return ex
+    .selectFrom('group_versions')
+    .select(['group_id', 'version', 'state', 'wrapped_key', 'kek_version', 'created_at', 'state_changed_at', 'state_until'])
+    .where('group_id', '=', groupId)
+    .where('version', '=', version)
+    .executeTakeFirst();
+}
+
+export async function findPrimaryGroupVersion(ex: Executor, groupId: string): Promise<GroupVersionRow | undefined> {
+  return ex
+    .selectFrom('group_versions')
+    .select(['group_id', 'version', 'state', 'wrapped_key', 'kek_version', 'created_at', 'state_changed_at', 'state_until'])
+    .where('group_id', '=', groupId)
+    .where('state', '=', 'primary')
+    .executeTakeFirst();
+}
+
+// ---------- devices ----------
+
+export async function insertDevices(
+  ex: Executor,
+  devices: ReadonlyArray<{ id: string; group_id: string }>,
+  versions: ReadonlyArray<Insertable<DeviceVersionsTable>>,
+): Promise<void> {
+  for (let i = 0; i < devices.length; i += INSERT_CHUNK) {
+    await ex.insertInto('devices').values(devices.slice(i, i + INSERT_CHUNK)).execute();
+  }
+  for (let i = 0; i < versions.length; i += INSERT_CHUNK) {
+    await ex.insertInto('device_versions').values(versions.slice(i, i + INSERT_CHUNK)).execute();
+  }
+}
+
+export async function findExistingDeviceIds(ex: Executor, ids: readonly string[]): Promise<string[]> {
+  const found: string[] = [];
+  for (let i = 0; i < ids.length; i += INSERT_CHUNK) {
+    const rows = await ex.selectFrom('devices').select('id').where('id', 'in', ids.slice(i, i + INSERT_CHUNK)).execute();
+    for (const row of rows) found.push(row.id);
+  }
+  return found;
+}
+
+export async function findDevice(ex: Executor, deviceId: string): Promise<{ id: string; group_id: string; created_at: Date } | undefined> {
+  return ex.selectFrom('devices').select(['id', 'group_id', 'created_at']).where('id', '=', deviceId).executeTakeFirst();
+}
+
+export async function findDevices(ex: Executor, deviceIds: readonly string[]): Promise<Array<{ id: string; group_id: string }>> {
+  if (deviceIds.length === 0) return [];
+  return ex.selectFrom('devices').select(['id', 'group_id']).where('id', 'in', deviceIds).execute();
+}
+
+const DEVICE_VERSION_COLUMNS = ['device_id', 'version', 'state', 'wrapped_key', 'parent_version', 'created_at', 'state_changed_at', 'state_until'] as const;
+
+export async function listDeviceVersions(ex: Executor, deviceIds: readonly string[]): Promise<DeviceVersionRow[]> {
+  if (deviceIds.length === 0) return [];
+  return ex
+    .selectFrom('device_versions')
+    .select(DEVICE_VERSION_COLUMNS)
+    .where('device_id', 'in', deviceIds)
+    .orderBy('device_id')
+    .orderBy('version')
+    .execute();
+}
+
+export async function findPrimaryDeviceVersion(ex: Executor, deviceId: string): Promise<DeviceVersionRow | undefined> {
+  return ex
+    .selectFrom('device_versions')
+    .select(DEVICE_VERSION_COLUMNS)
+    .where('device_id', '=', deviceId)
+    .where('state', '=', 'primary')
+    .executeTakeFirst();
+}
+
+// ---------- field keys ----------
+
+export async function insertFieldKey(ex: Executor, deviceId: string, field: string, version: Insertable<FieldVersionsTable>): Promise<void> {
+  await ex.insertInto('field_keys').values({ device_id: deviceId, field }).execute();
+  await ex.insertInto('field_versions').values(version).execute();
+}
+
+const FIELD_VERSION_COLUMNS = ['device_id', 'field', 'version', 'state', 'wrapped_key', 'parent_version', 'created_at', 'state_changed_at', 'state_until'] as const;
+
+export async function listFieldVersions(ex: Executor, deviceIds: readonly string[], field?: string): Promise<FieldVersionRow[]> {
+  if (deviceIds.length === 0) return [];
+  let query = ex.selectFrom('field_versions').select(FIELD_VERSION_COLUMNS).where('device_id', 'in', deviceIds);
+  if (field !== undefined) query = query.where('field', '=', field);
+  return query.orderBy('device_id').orderBy('field').orderBy('version').execute();
+}
+
+export async function fieldKeyExists(ex: Executor, deviceId: string, field: string): Promise<boolean> {
+  const row = await ex.selectFrom('field_keys').select('field').where('device_id', '=', deviceId).where('field', '=', field).executeTakeFirst();
+  return row !== undefined;
+}
