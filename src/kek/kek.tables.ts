@@ -3,9 +3,11 @@
  * creation times, a check value of the root key). Key material is never stored: every version
  * key is derived from the root key on demand (kek/local.provider.ts).
  */
-import type { ColumnType, Generated } from 'kysely';
+import type { ColumnType } from 'kysely';
 
 type Timestamp = ColumnType<Date, Date | string, Date | string>;
+/** a timestamp column with a database default */
+type DefaultedTimestamp = ColumnType<Date, Date | string | undefined, Date | string>;
 
 export interface KekLocalKeysTable {
   name: string;
@@ -15,8 +17,8 @@ export interface KekLocalKeysTable {
   min_encryption_version: number;
   /** HMAC-SHA256(root key, fixed label), truncated: detects a changed root key at start-up. */
   root_key_check: string;
-  created_at: Generated<Timestamp>;
-  updated_at: Generated<Timestamp>;
+  created_at: DefaultedTimestamp;
+  updated_at: DefaultedTimestamp;
 }
 
 export interface KekLocalVersionsTable {
