@@ -160,6 +160,10 @@ export function loadConfig(env: Env = process.env): Readonly<Config> {
     bodyLimitBytes: int('BODY_LIMIT_BYTES', 1_048_576, 1024, 64 * 1_048_576),
   };
   if (jwksUrl !== undefined && read('AUTH_ISSUER') === undefined) problems.push('AUTH_ISSUER is required when AUTH_JWKS_URL is set');
+  // Whoever can tamper with the JWKS fetch can mint admin tokens: plain http only on loopback.
+  if (jwksUrl !== undefined && new URL(jwksUrl).protocol === 'http:' && !['127.0.0.1', 'localhost', '[::1]'].includes(new URL(jwksUrl).hostname)) {
+    problems.push('AUTH_JWKS_URL must use https (plain http is allowed only on loopback)');
+  }
   if (problems.length > 0) throw new ConfigError(problems);
   return Object.freeze(config);
 }

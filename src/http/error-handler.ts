@@ -110,6 +110,7 @@ function safeClientMessage(error: FastifyError): string {
 
 export function sendProblem(reply: FastifyReply, problem: ProblemBody, retryAfter?: number): FastifyReply {
   if (retryAfter !== undefined) reply.header('retry-after', String(retryAfter));
+  if (problem.status === 401) reply.header('www-authenticate', 'Bearer realm="keystrata", error="invalid_token"');
   return reply.code(problem.status).type('application/problem+json').send(problem);
 }
 

@@ -1,0 +1,52 @@
+/** The only entry that listens: load config, build the app, listen, shut down cleanly. */
+import { buildApp } from './app.js';
+import { auditRoutes } from './audit/audit.routes.js';
+import { ConfigError, loadConfig } from './config.js';
+import { createLogger } from './logger.js';
+import { createRuntime } from './runtime.js';
+
+async function main(): Promise<void> {
+  let config;
+  try {
+    config = loadConfig();
+  } catch (error) {
+    if (error instanceof ConfigError) {
+      process.stderr.write(`keystrata: ${error.message}\n`);
+      process.exit(1);
+    }
+    throw error;
+  }
+  const logger = createLogger(config.logLevel);
+  const runtime = await createRuntime(config, logger);
+  const app = await buildApp({
+    ...runtime,
+    plugins: [async (instance) => instance.register(auditRoutes, { audit: runtime.audit })],
+  });
+
+  let closing = false;
+  const shutdown = async (signal: string) => {
+    if (closing) return;
+    closing = true;
+    logger.info({ signal }, 'shutting down');
+    try {
+      await app.close();
+      await runtime.close();
+    } finally {
+      process.exit(0);
+    }
+  };
+  process.on('SIGTERM', () => void shutdown('SIGTERM'));
+  process.on('SIGINT', () => void shutdown('SIGINT'));
+
+  await app.listen({ port: config.port, host: config.host });
+  logger.info(
+    { url: `http://${config.host}:${config.port}`, docs: `http://${config.host}:${config.port}/docs`, kek: runtime.kek.kind, database: runtime.database.kind },
+    'keystrata is listening',
+  );
+}
+
+main().catch((error: unknown) => {
+  // config and secrets are never part of these messages
+  process.stderr.write(`keystrata: failed to start: ${error instanceof Error ? error.message : String(error)}\n`);
+  process.exit(1);
+});
