@@ -1,0 +1,55 @@
+import { describe, expect, it } from 'vitest';
+import { compactDecrypt, decodeProtectedHeader, exportJWK, generateKeyPair } from 'jose';
+import { encryptKeySet, importDeliveryKey, parseDeliveryJwk } from '../../src/crypto/jwe.js';
+import { BadRequestError } from '../../src/http/errors.js';
+
+describe('JWE key delivery', () => {
+  for (const alg of ['X25519', 'P-256'] as const) {
+    it(`when keys are delivered to a ${alg} key, then the private key decrypts one JWK Set with every key`, async () => {
+      const { publicKey, privateKey } = alg === 'X25519' ? await generateKeyPair('ECDH-ES+A256KW', { crv: 'X25519', extractable: true }) : await generateKeyPair('ECDH-ES+A256KW', { crv: 'P-256', extractable: true });
+      const { jwk, kid } = await parseDeliveryJwk((await exportJWK(publicKey)) as Record<string, unknown>);
+      const keys = [
+        { kid: 'd1:v1', key: Buffer.alloc(32, 1), meta: { state: 'primary' } },
+        { kid: 'd1/patient_id:v2', key: Buffer.alloc(32, 2), meta: { state: 'grace' } },
+      ];
+      const jwe = await encryptKeySet(await importDeliveryKey(jwk), kid, keys);
+      const header = decodeProtectedHeader(jwe);
+      expect(header).toMatchObject({ alg: 'ECDH-ES+A256KW', enc: 'A256GCM', kid });
+      expect(header.epk).toBeDefined();
+      const { plaintext } = await compactDecrypt(jwe, privateKey);
+      const set = JSON.parse(new TextDecoder().decode(plaintext)) as { keys: Array<{ kid: string; k: string; kty: string; state: string }> };
+      expect(set.keys.map((k) => [k.kid, k.kty, k.state, Buffer.from(k.k, 'base64url')])).toEqual([
+        ['d1:v1', 'oct', 'primary', Buffer.alloc(32, 1)],
+        ['d1/patient_id:v2', 'oct', 'grace', Buffer.alloc(32, 2)],
+      ]);
+    });
+  }
+
+  it('when the same keys are delivered twice, then each JWE uses a fresh ephemeral key', async () => {
+    const { publicKey } = await generateKeyPair('ECDH-ES+A256KW', { crv: 'X25519', extractable: true });
+    const { jwk, kid } = await parseDeliveryJwk((await exportJWK(publicKey)) as Record<string, unknown>);
+    const key = await importDeliveryKey(jwk);
+    const keys = () => [{ kid: 'd:v1', key: Buffer.alloc(32, 7), meta: {} }];
+    const a = decodeProtectedHeader(await encryptKeySet(key, kid, keys()));
+    const b = decodeProtectedHeader(await encryptKeySet(key, kid, keys()));
+    expect(a.epk).not.toEqual(b.epk);
+  });
+
+  it('when a private JWK, a symmetric JWK, a signing key or a point off the curve is offered, then it is refused', async () => {
+    const { privateKey } = await generateKeyPair('ECDH-ES+A256KW', { crv: 'P-256', extractable: true });
+    const privateJwk = (await exportJWK(privateKey)) as Record<string, unknown>;
+    const bad: Array<Record<string, unknown>> = [
+      privateJwk,
+      { kty: 'oct', k: 'AAAA' },
+      { kty: 'OKP', crv: 'Ed25519', x: privateJwk.x },
+      { kty: 'EC', crv: 'P-256', x: 'A'.repeat(43), y: 'A'.repeat(43) },
+      { kty: 'EC', crv: 'P-384', x: privateJwk.x, y: privateJwk.y },
+      { ...privateJwk, d: undefined, use: 'sig' },
+      {},
+    ];
+    for (const input of bad) {
+      const clean = Object.fromEntries(Object.entries(input).filter(([, v]) => v !== undefined));
+      await expect(parseDeliveryJwk(clean)).rejects.toBeInstanceOf(BadRequestError);
+    }
+  });
+});
