@@ -5,8 +5,10 @@
 import type { Migration } from 'kysely';
 import * as hierarchy from './20261121000100_hierarchy.js';
 import * as localKek from './20261121000150_local_kek.js';
+import * as audit from './20261121000200_audit.js';
 
 export const migrations: Record<string, Migration> = {
   '20261121000100_hierarchy': hierarchy,
   '20261121000150_local_kek': localKek,
+  '20261121000200_audit': audit,
 };
