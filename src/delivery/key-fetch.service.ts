@@ -150,6 +150,7 @@ export function createKeyFetchService(deps: { db: Kysely<DB>; material: KeyMater
           key,
           meta: {
             state: row.state,
+            stateChangedAt: row.state_changed_at.toISOString(),
             stateUntil: row.state_until ? row.state_until.toISOString() : null,
             version: row.version,
             deviceId: item.deviceId,

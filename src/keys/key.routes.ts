@@ -5,6 +5,8 @@ import { actorOf } from '../http/request-context.js';
 import type { KeyService } from './key.service.js';
 import * as s from './key.schemas.js';
 
+export const BULK_BODY_LIMIT_BYTES = 2 * 1024 * 1024;
+
 export const keyRoutes: FastifyPluginAsyncTypebox<{ keys: KeyService }> = async (app, { keys }) => {
   const admin = { scope: 'keystrata:admin' } as const;
 
@@ -62,6 +64,8 @@ export const keyRoutes: FastifyPluginAsyncTypebox<{ keys: KeyService }> = async 
 
   app.post('/v1/groups/:groupId/devices/bulk', {
     config: admin,
+    // 10,000 ids of up to 128 characters are ~1.3 MB of JSON
+    bodyLimit: BULK_BODY_LIMIT_BYTES,
     schema: {
       operationId: 'enrolDevicesBulk',
       tags: ['devices'],

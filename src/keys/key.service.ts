@@ -8,6 +8,7 @@ import type { AuditEventInput, AuditSink } from '../audit/audit.types.js';
 import type { Clock } from '../clock.js';
 import type { DB } from '../db/database.js';
 import { BadRequestError, ConflictError, NotFoundError } from '../http/errors.js';
+import { decodeCursor, encodeCursor } from '../http/schemas.js';
 import type { KeyMaterial } from './key-material.js';
 import * as repo from './key.repository.js';
 
@@ -81,11 +82,14 @@ export function createKeyService(deps: { db: Kysely<DB>; material: KeyMaterial; 
     return toGroupView(group, versions);
   }
 
-  async function listGroups(after: string | undefined, limit: number): Promise<{ items: GroupView[]; nextCursor: string | undefined }> {
-    const groups = await repo.listGroups(db, after, limit);
+  async function listGroups(cursor: string | undefined, limit: number): Promise<{ items: GroupView[]; nextCursor?: string }> {
+    const after = decodeCursor(cursor, (v): v is { after: string } => typeof (v as { after?: unknown })?.after === 'string');
+    if (cursor !== undefined && after === undefined) throw new BadRequestError('cursor is not valid', { field: 'querystring.cursor' });
+    const groups = await repo.listGroups(db, after?.after, limit);
     const versions = await repo.listGroupVersions(db, groups.map((g) => g.id));
     const items = groups.map((g) => toGroupView(g, versions.filter((v) => v.group_id === g.id)));
-    return { items, nextCursor: groups.length === limit ? groups.at(-1)?.id : undefined };
+    const last = groups.at(-1);
+    return groups.length === limit && last ? { items, nextCursor: encodeCursor({ after: last.id }) } : { items };
   }
 
   /** Enrol devices: each gets a fresh device DEK (version 1, primary) under the group's primary DEK. All or nothing. */
