@@ -32,7 +32,8 @@ export interface VaultKekProviderOptions {
 
 const VAULT_BLOB = /^vault:v\d+:[A-Za-z0-9+/]+={0,2}$/;
 const KEY_NAME = /^\w([\w.-]*\w)?$/;
-const MAX_CONTEXT_BYTES = 64 * 1024;
+/** The same bound as the local provider (Node's hkdfSync), so a context valid in development is valid in production. */
+const MAX_CONTEXT_BYTES = 1024;
 
 /** What a node-vault rejection carries: `response` for an HTTP answer, `code` for a network failure. */
 interface ClientFailure {

@@ -245,6 +245,14 @@ describe.each(targets)('KEK provider contract: $name', (target) => {
     expect(failed.error).not.toContain(b.slice(-20));
   });
 
+  it('when the context is empty or longer than 1024 bytes, then wrap and unwrap refuse it', async () => {
+    const kek = await fresh();
+    await expect(kek.wrap(crypto.randomBytes(32), '')).rejects.toThrow(/context is required/);
+    await expect(kek.wrap(crypto.randomBytes(32), 'x'.repeat(1025))).rejects.toThrow(/at most 1024 bytes/);
+    const blob = await kek.wrap(crypto.randomBytes(32), 'x'.repeat(1024));
+    await expect(kek.unwrap(blob, '')).rejects.toThrow(/context is required/);
+  });
+
   it('when an empty batch is rewrapped, then the answer is empty', async () => {
     const kek = await fresh();
     expect(await kek.rewrapBatch([])).toEqual([]);
