@@ -18,7 +18,7 @@ export type DeviceVersionRow = Selectable<DeviceVersionsTable>;
 export type FieldVersionRow = Selectable<FieldVersionsTable>;
 
 /** States whose material may be delivered to backends (DESIGN §2). */
-export const DELIVERABLE_STATES: readonly VersionState[] = ['pending', 'primary', 'grace', 'decrypt_only'];
+export { DELIVERABLE_STATES } from './lifecycle.js';
 
 // Large bulk inserts are split so one statement stays under PostgreSQL's 65,535 parameters.
 const INSERT_CHUNK = 2000;
