@@ -1,0 +1,283 @@
+/**
+ * SQL of the audit log, nothing else: every function takes the executor it runs on, so the
+ * service decides what runs inside which transaction. Rows are normalised here (int8 → number,
+ * bytea → Buffer) because PGlite and pg decode them differently.
+ */
+import { sql } from 'kysely';
+import type { Executor } from '../db/database.js';
+import type { AuditKeyPurpose } from './audit.tables.js';
+import type { AuditOutcome } from './audit.types.js';
+
+/** Postgres renders `occurred_at` exactly as the canonical JSON writes it (UTC, microseconds). */
+const CANONICAL_TIME = `YYYY-MM-DD"T"HH24:MI:SS.US"Z"`;
+
+export interface ChainHead {
+  position: number;
+  hash: Buffer;
+}
+
+export interface AuditEventRow {
+  position: number;
+  occurredAt: Date;
+  actor: string;
+  action: string;
+  outcome: AuditOutcome;
+  keyId: string | null;
+  details: Record<string, unknown>;
+  requestId: string | null;
+  prevHash: Buffer;
+  hash: Buffer;
+}
+
+/**
+ * An event as the verifier reads it, one JSON array per event:
+ * [position, canonical time, actor, action, outcome, keyId, details, requestId, prevHash hex, hash hex].
+ */
+export type ChainTuple = [number, string, string, string, string, string | null, Record<string, unknown>, string | null, string, string];
+
+export interface NewAuditEventRow {
+  position: number;
+  occurredAt: Date;
+  actor: string;
+  action: string;
+  outcome: AuditOutcome;
+  keyId: string | null;
+  /** canonical JSON text of the details */
+  detailsJson: string;
+  requestId: string | null;
+  prevHash: Buffer;
+  hash: Buffer;
+}
+
+export interface EventFilters {
+  actor?: string | undefined;
+  action?: string | undefined;
+  keyId?: string | undefined;
+  keyIdPrefix?: string | undefined;
+  outcome?: AuditOutcome | undefined;
+  from?: Date | undefined;
+  to?: Date | undefined;
+}
+
+export interface CheckpointRow {
+  id: number;
+  position: number;
+  hash: Buffer;
+  signedAt: Date;
+  kid: string;
+  jws: string;
+}
+
+export function toBuffer(value: Uint8Array): Buffer {
+  return Buffer.isBuffer(value) ? value : Buffer.from(value.buffer, value.byteOffset, value.byteLength);
+}
+
+/** Rows per INSERT: 10 parameters a row stays far below PostgreSQL's 65,535. */
+const INSERT_CHUNK = 1000;
+
+// ---- chain head ----
+
+/** Lock the chain head for the rest of the caller's transaction: every writer queues here. */
+export async function lockHead(trx: Executor): Promise<ChainHead> {
+  const row = await trx.selectFrom('audit_chain_head').select(['position', 'hash']).where('id', '=', 1).forUpdate().executeTakeFirst();
+  if (!row) throw new Error('The audit chain head row is missing');
+  return { position: Number(row.position), hash: toBuffer(row.hash) };
+}
+
+export async function readHead(db: Executor): Promise<ChainHead | undefined> {
+  const row = await db.selectFrom('audit_chain_head').select(['position', 'hash']).where('id', '=', 1).executeTakeFirst();
+  return row && { position: Number(row.position), hash: toBuffer(row.hash) };
+}
+
+export async function updateHead(trx: Executor, head: ChainHead): Promise<void> {
+  await trx.updateTable('audit_chain_head').set({ position: head.position, hash: head.hash }).where('id', '=', 1).execute();
+}
+
+// ---- events ----
+
+export async function insertEvents(trx: Executor, rows: ReadonlyArray<NewAuditEventRow>): Promise<void> {
+  for (let i = 0; i < rows.length; i += INSERT_CHUNK) {
+    await trx
+      .insertInto('audit_events')
+      .values(
+        rows.slice(i, i + INSERT_CHUNK).map((r) => ({
+          position: r.position,
+          occurred_at: r.occurredAt,
+          actor: r.actor,
+          action: r.action,
+          outcome: r.outcome,
+          key_id: r.keyId,
+          // a text parameter cast by the server: pg and PGlite would each serialise an object their own way
+          details: sql<string>`cast(${r.detailsJson}::text as jsonb)`,
+          request_id: r.requestId,
+          prev_hash: r.prevHash,
+          hash: r.hash,
+        })),
+      )
+      .execute();
+  }
+}
+
+/**
+ * The events with `from <= position <= to`, as an array indexed by `position - from` (a hole
+ * where an event is missing). Pages are position ranges, not LIMITs: positions are
+ * consecutive, and a LIMIT over a range can make the planner sort the whole range. The page
+ * comes back as ONE JSON text parsed in one call, several times faster than decoding ten
+ * columns a row, so `verify` can walk hundreds of thousands of events a second; the rows are
+ * placed by position rather than sorted by the server.
+ */
+export async function selectChainPage(db: Executor, from: number, to: number): Promise<Array<ChainTuple | undefined>> {
+  const { rows } = await sql<{ page: string }>`
+    select '[' || coalesce(string_agg(json_build_array(
+             position, to_char(occurred_at at time zone 'UTC', ${CANONICAL_TIME}), actor, action, outcome,
+             key_id, details, request_id, encode(prev_hash, 'hex'), encode(hash, 'hex'))::text, ','), '') || ']' as page
+    from audit_events
+    where position >= ${from} and position <= ${to}`.execute(db);
+  const page = new Array<ChainTuple | undefined>(to - from + 1);
+  for (const tuple of JSON.parse(rows[0]?.page ?? '[]') as ChainTuple[]) page[tuple[0] - from] = tuple;
+  return page;
+}
+
+export async function hashAt(db: Executor, position: number): Promise<Buffer | undefined> {
+  const row = await db.selectFrom('audit_events').select('hash').where('position', '=', position).executeTakeFirst();
+  return row && toBuffer(row.hash);
+}
+
+export async function maxPosition(db: Executor): Promise<number> {
+  const row = await db
+    .selectFrom('audit_events')
+    .select((eb) => eb.fn.max('position').as('max'))
+    .executeTakeFirst();
+  return row?.max == null ? 0 : Number(row.max);
+}
+
+/** Filtered events after `afterPosition` (exclusive), in position order. */
+export async function queryEvents(
+  db: Executor,
+  filters: EventFilters,
+  afterPosition: number | undefined,
+  order: 'asc' | 'desc',
+  limit: number,
+): Promise<AuditEventRow[]> {
+  let query = db
+    .selectFrom('audit_events')
+    .select(['position', 'occurred_at', 'actor', 'action', 'outcome', 'key_id', 'details', 'request_id', 'prev_hash', 'hash']);
+  if (filters.actor !== undefined) query = query.where('actor', '=', filters.actor);
+  if (filters.action !== undefined) query = query.where('action', '=', filters.action);
+  if (filters.keyId !== undefined) query = query.where('key_id', '=', filters.keyId);
+  if (filters.keyIdPrefix !== undefined) query = query.where('key_id', 'like', `${escapeLike(filters.keyIdPrefix)}%`);
+  if (filters.outcome !== undefined) query = query.where('outcome', '=', filters.outcome);
+  if (filters.from !== undefined) query = query.where('occurred_at', '>=', filters.from);
+  if (filters.to !== undefined) query = query.where('occurred_at', '<', filters.to);
+  if (afterPosition !== undefined) query = query.where('position', order === 'asc' ? '>' : '<', afterPosition);
+  const rows = await query.orderBy('position', order).limit(limit).execute();
+  return rows.map((r) => ({
+    position: Number(r.position),
+    occurredAt: r.occurred_at,
+    actor: r.actor,
+    action: r.action,
+    outcome: r.outcome,
+    keyId: r.key_id,
+    details: r.details,
+    requestId: r.request_id,
+    prevHash: toBuffer(r.prev_hash),
+    hash: toBuffer(r.hash),
+  }));
+}
+
+/** `like` pattern for a literal prefix (the default escape character is a backslash). */
+function escapeLike(value: string): string {
+  return value.replace(/[\\%_]/g, (c) => `\\${c}`);
+}
+
+// ---- keys ----
+
+export async function findKey(db: Executor, purpose: AuditKeyPurpose, version: number): Promise<{ wrappedKey: string } | undefined> {
+  const row = await db
+    .selectFrom('audit_keys')
+    .select('wrapped_key')
+    .where('purpose', '=', purpose)
+    .where('version', '=', version)
+    .executeTakeFirst();
+  return row && { wrappedKey: row.wrapped_key };
+}
+
+/** Insert unless another writer got there first (then the caller reads the winner's row). */
+export async function insertKeyIfAbsent(
+  db: Executor,
+  key: { purpose: AuditKeyPurpose; version: number; wrappedKey: string; kekVersion: number; createdAt: Date },
+): Promise<void> {
+  await db
+    .insertInto('audit_keys')
+    .values({ purpose: key.purpose, version: key.version, wrapped_key: key.wrappedKey, kek_version: key.kekVersion, created_at: key.createdAt })
+    .onConflict((oc) => oc.columns(['purpose', 'version']).doNothing())
+    .execute();
+}
+
+export async function listKeys(db: Executor): Promise<Array<{ purpose: AuditKeyPurpose; version: number; wrappedKey: string; kekVersion: number }>> {
+  const rows = await db.selectFrom('audit_keys').select(['purpose', 'version', 'wrapped_key', 'kek_version']).orderBy('purpose').orderBy('version').execute();
+  return rows.map((r) => ({ purpose: r.purpose, version: r.version, wrappedKey: r.wrapped_key, kekVersion: r.kek_version }));
+}
+
+/** Replace a blob only if it is still the one that was rewrapped (a concurrent rewrap wins otherwise). */
+export async function replaceKeyBlob(
+  db: Executor,
+  key: { purpose: AuditKeyPurpose; version: number; oldWrappedKey: string; wrappedKey: string; kekVersion: number },
+): Promise<boolean> {
+  const result = await db
+    .updateTable('audit_keys')
+    .set({ wrapped_key: key.wrappedKey, kek_version: key.kekVersion })
+    .where('purpose', '=', key.purpose)
+    .where('version', '=', key.version)
+    .where('wrapped_key', '=', key.oldWrappedKey)
+    .executeTakeFirst();
+  return Number(result.numUpdatedRows) === 1;
+}
+
+// ---- checkpoints ----
+
+export async function insertCheckpoint(db: Executor, checkpoint: Omit<CheckpointRow, 'id'>): Promise<number> {
+  const row = await db
+    .insertInto('audit_checkpoints')
+    .values({ position: checkpoint.position, hash: checkpoint.hash, signed_at: checkpoint.signedAt, kid: checkpoint.kid, jws: checkpoint.jws })
+    .returning('id')
+    .executeTakeFirstOrThrow();
+  return Number(row.id);
+}
+
+const CHECKPOINT_COLUMNS = ['id', 'position', 'hash', 'signed_at', 'kid', 'jws'] as const;
+
+function toCheckpoint(r: { id: number; position: number; hash: Buffer; signed_at: Date; kid: string; jws: string }): CheckpointRow {
+  return { id: Number(r.id), position: Number(r.position), hash: toBuffer(r.hash), signedAt: r.signed_at, kid: r.kid, jws: r.jws };
+}
+
+export async function findCheckpoint(db: Executor, id: number): Promise<CheckpointRow | undefined> {
+  const row = await db.selectFrom('audit_checkpoints').select(CHECKPOINT_COLUMNS).where('id', '=', id).executeTakeFirst();
+  return row && toCheckpoint(row);
+}
+
+export async function latestCheckpoint(db: Executor): Promise<CheckpointRow | undefined> {
+  const row = await db.selectFrom('audit_checkpoints').select(CHECKPOINT_COLUMNS).orderBy('id', 'desc').limit(1).executeTakeFirst();
+  return row && toCheckpoint(row);
+}
+
+/** Newest first, before `beforeId` (exclusive). */
+export async function listCheckpoints(db: Executor, beforeId: number | undefined, limit: number): Promise<CheckpointRow[]> {
+  let query = db.selectFrom('audit_checkpoints').select(CHECKPOINT_COLUMNS);
+  if (beforeId !== undefined) query = query.where('id', '<', beforeId);
+  const rows = await query.orderBy('id', 'desc').limit(limit).execute();
+  return rows.map(toCheckpoint);
+}
+
+/** Checkpoints whose position lies in [from, to], oldest first. */
+export async function checkpointsBetween(db: Executor, from: number, to: number): Promise<CheckpointRow[]> {
+  const rows = await db
+    .selectFrom('audit_checkpoints')
+    .select(CHECKPOINT_COLUMNS)
+    .where('position', '>=', from)
+    .where('position', '<=', to)
+    .orderBy('position')
+    .orderBy('id')
+    .execute();
+  return rows.map(toCheckpoint);
+}

@@ -1,0 +1,692 @@
+/**
+ * The audit log (DESIGN §6): one keyed hash chain in PostgreSQL, written by
+ *   - `record(trx, events)`: inside the caller's transaction, so the change and its events commit
+ *     together or not at all; one lock on the chain head per transaction, however many events.
+ *     Call it as the last step of the transaction: the head lock serialises every writer of every
+ *     replica until the caller commits.
+ *   - `recordRead(events)`: reads (key deliveries) are group-committed: one in-process writer
+ *     gathers the events of concurrent requests for `batchWindowMs`, appends them in one
+ *     transaction, and only then resolves each request's promise (rejects them all if the batch
+ *     failed: fail closed).
+ *
+ * Keys, both stored only wrapped by the KEK (context `keystrata:v1|audit-key|<purpose>|1|kek|<KEK name>|-`):
+ *   - `hmac`: 32 random bytes, the chain's HMAC-SHA256 key (audit.chain.ts);
+ *   - `checkpoint`: an Ed25519 private key (PKCS#8) signing checkpoints as compact JWS.
+ * Each is generated on first use, stored with `insert … on conflict do nothing` and read back,
+ * so concurrent first uses on several replicas agree on one key. Call `init()` at start-up: then
+ * no request pays for the creation (and on single-connection PGlite, the first `record` inside a
+ * transaction does not have to wait for it).
+ *
+ * Nothing secret reaches an event, a log line or an error: keys stay in KeyObjects, blobs are
+ * never logged, and the only event contents are what callers pass (ids, versions, states).
+ */
+import crypto, { type KeyObject } from 'node:crypto';
+import { setImmediate as yieldToEventLoop } from 'node:timers/promises';
+import { calculateJwkThumbprint, CompactSign, compactVerify, type JWK } from 'jose';
+import type { Kysely } from 'kysely';
+import type { Clock } from '../clock.js';
+import type { DB, Executor } from '../db/database.js';
+import { AppError, BadRequestError, NotFoundError, UnavailableError } from '../http/errors.js';
+import { decodeCursor, encodeCursor } from '../http/schemas.js';
+import { kekBlobVersion, type KekProvider } from '../kek/kek.types.js';
+import {
+  canonicalEvent,
+  canonicalJson,
+  canonicalTime,
+  chainHash,
+  chainHashHex,
+  GENESIS_HASH,
+  prepareEvent,
+  type PreparedEvent,
+} from './audit.chain.js';
+import * as repo from './audit.repository.js';
+import type { AuditKeyPurpose } from './audit.tables.js';
+import type { AuditEventInput, AuditOutcome, AuditSink } from './audit.types.js';
+
+/** JWS `alg` of checkpoints (RFC 9864's fully specified name for Ed25519) and their `typ`. */
+export const CHECKPOINT_ALG = 'Ed25519';
+export const CHECKPOINT_TYP = 'keystrata-audit-checkpoint+jws';
+
+const KEY_VERSION = 1;
+const HMAC_KEY_BYTES = 32;
+/** How long `record` inside a transaction waits for the first-ever creation of the HMAC key. */
+const KEY_CREATION_WAIT_MS = 5000;
+/** `verify` lets the event loop turn every so many events (about 10 ms of hashing). */
+const YIELD_EVERY = 2000;
+
+export interface AuditLogger {
+  info(obj: object, msg: string): void;
+  warn(obj: object, msg: string): void;
+  error(obj: object, msg: string): void;
+}
+
+export interface AuditServiceOptions {
+  db: Kysely<DB>;
+  kek: Pick<KekProvider, 'keyName' | 'wrap' | 'unwrap' | 'rewrapBatch'>;
+  clock: Clock;
+  logger?: AuditLogger | undefined;
+  /** group-commit window of `recordRead` (default 5 ms) */
+  batchWindowMs?: number | undefined;
+  /** most events in one group commit (default 5,000) */
+  maxBatchEvents?: number | undefined;
+  /** sign the chain head every so often when it moved (default: off; on demand only) */
+  checkpointIntervalMs?: number | undefined;
+  /** events read per query by `verify` (default 5,000) */
+  verifyPageSize?: number | undefined;
+}
+
+export interface VerifyOptions {
+  /** start at this position, trusting the stored hash of the position before it */
+  fromPosition?: number | undefined;
+  /** start at this checkpoint: its signature is checked, and the event it names must match it */
+  fromCheckpoint?: number | undefined;
+}
+
+export type VerifyFailure =
+  | 'missing_event' // a position is absent (deleted event, or a gap at the tail)
+  | 'broken_link' // an event's prev_hash is not its predecessor's hash (reordered or replaced)
+  | 'hash_mismatch' // the HMAC does not match the event's contents (changed, forged, reordered)
+  | 'head_missing' // the chain-head row is gone
+  | 'head_mismatch' // the chain head does not name the last event
+  | 'event_after_head' // events exist beyond the chain head (appended around the writer)
+  | 'checkpoint_invalid' // a checkpoint's signature or payload does not verify
+  | 'checkpoint_mismatch'; // a validly signed checkpoint disagrees with the event at its position
+
+export interface VerifyResult {
+  ok: boolean;
+  /** events whose hash was recomputed */
+  checked: number;
+  /** first position walked */
+  fromPosition: number;
+  /** chain head position when the walk started */
+  headPosition: number;
+  /** signed checkpoints checked against the chain on the way */
+  checkpointsChecked: number;
+  firstBadPosition?: number;
+  reason?: VerifyFailure;
+  detail?: string;
+}
+
+export interface CheckpointPayload {
+  position: number;
+  /** hex */
+  hash: string;
+  /** ISO 8601, when it was signed */
+  time: string;
+  kekName: string;
+}
+
+export interface Checkpoint {
+  id: number;
+  position: number;
+  hash: string;
+  time: string;
+  kid: string;
+  /** compact JWS; its payload is the CheckpointPayload */
+  jws: string;
+}
+
+export interface PublicSigningJwk {
+  kty: 'OKP';
+  crv: 'Ed25519';
+  x: string;
+  kid: string;
+  alg: typeof CHECKPOINT_ALG;
+  use: 'sig';
+}
+
+export interface CheckpointList {
+  /** the key every checkpoint verifies with; pin its `kid` (RFC 7638 thumbprint) out of band */
+  publicKey: PublicSigningJwk;
+  items: Checkpoint[];
+  nextCursor?: string;
+}
+
+export interface EventQuery {
+  actor?: string | undefined;
+  action?: string | undefined;
+  keyId?: string | undefined;
+  /** e.g. `device:sensor-1` and `field:sensor-1/` together: everything about one device */
+  keyIdPrefix?: string | undefined;
+  outcome?: AuditOutcome | undefined;
+  /** inclusive */
+  from?: Date | string | undefined;
+  /** exclusive */
+  to?: Date | string | undefined;
+  /** by position; default `asc` (chain order) */
+  order?: 'asc' | 'desc' | undefined;
+}
+
+export interface AuditEventView {
+  position: number;
+  time: string;
+  actor: string;
+  action: string;
+  outcome: AuditOutcome;
+  keyId: string | null;
+  details: Record<string, unknown>;
+  requestId: string | null;
+  prevHash: string;
+  hash: string;
+}
+
+export interface AuditService extends AuditSink {
+  /** Create (or load) the audit keys now rather than on first use. */
+  init(): Promise<void>;
+  verify(options?: VerifyOptions): Promise<VerifyResult>;
+  /** Sign the current chain head (on demand). */
+  createCheckpoint(): Promise<Checkpoint>;
+  /** Sign the chain head unless the latest checkpoint already names it (what the timer runs). */
+  checkpointIfChanged(): Promise<Checkpoint | undefined>;
+  listCheckpoints(options?: { cursor?: string | undefined; limit?: number | undefined }): Promise<CheckpointList>;
+  queryEvents(filters: EventQuery, cursor: string | undefined, limit: number): Promise<{ items: AuditEventView[]; nextCursor?: string }>;
+  /** Number of events in the chain (the head position). */
+  chainLength(): Promise<number>;
+  /** After a KEK rotation: rewrap the audit keys to the latest KEK version (no plaintext leaves the provider). */
+  rewrapKeys(): Promise<{ rewrapped: number; failed: number }>;
+  /** KEK versions the audit keys are wrapped under (raise min_decryption_version above none of them). */
+  kekVersionsInUse(): Promise<number[]>;
+  /** Stop the checkpoint timer, refuse new reads, flush the group-commit writer. */
+  close(): Promise<void>;
+}
+
+interface SigningKey {
+  privateKey: KeyObject;
+  publicKey: KeyObject;
+  publicJwk: PublicSigningJwk;
+}
+
+interface Waiter {
+  events: PreparedEvent[];
+  resolve: () => void;
+  reject: (error: unknown) => void;
+}
+
+const silentLogger: AuditLogger = { info() {}, warn() {}, error() {} };
+
+export function auditKeyBinding(purpose: AuditKeyPurpose, version: number, kekName: string): string {
+  return ['keystrata:v1', 'audit-key', purpose, version, 'kek', kekName, '-'].join('|');
+}
+
+export function createAuditService(options: AuditServiceOptions): AuditService {
+  const { db, kek, clock } = options;
+  const logger = options.logger ?? silentLogger;
+  const batchWindowMs = options.batchWindowMs ?? 5;
+  const maxBatchEvents = options.maxBatchEvents ?? 5000;
+  const verifyPageSize = options.verifyPageSize ?? 5000;
+
+  // ---- keys ----
+
+  /** The plaintext of a key, from its row; creates the row (race-free) if there is none yet. */
+  async function loadOrCreateKey(purpose: AuditKeyPurpose, generate: () => Buffer): Promise<Buffer> {
+    const binding = auditKeyBinding(purpose, KEY_VERSION, kek.keyName);
+    let row = await repo.findKey(db, purpose, KEY_VERSION);
+    if (!row) {
+      const material = generate();
+      try {
+        const wrappedKey = await kek.wrap(material, binding);
+        await repo.insertKeyIfAbsent(db, { purpose, version: KEY_VERSION, wrappedKey, kekVersion: kekBlobVersion(wrappedKey), createdAt: clock.now() });
+      } finally {
+        material.fill(0);
+      }
+      // whoever won the insert, everyone uses the stored key
+      row = await repo.findKey(db, purpose, KEY_VERSION);
+      if (!row) throw new Error(`The audit ${purpose} key could not be stored`);
+      logger.info({ purpose, version: KEY_VERSION }, 'audit key ready');
+    }
+    return kek.unwrap(row.wrappedKey, binding);
+  }
+
+  function toHmacKey(material: Buffer): KeyObject {
+    try {
+      if (material.length !== HMAC_KEY_BYTES) throw new Error('The stored audit HMAC key has the wrong length');
+      return crypto.createSecretKey(material);
+    } finally {
+      material.fill(0);
+    }
+  }
+
+  let hmacKey: KeyObject | undefined;
+  let hmacLoading: Promise<KeyObject> | undefined;
+
+  /** Through `db` (its own connection), shared by concurrent callers; retried after a failure. */
+  function loadHmacKey(): Promise<KeyObject> {
+    if (hmacKey) return Promise.resolve(hmacKey);
+    hmacLoading ??= loadOrCreateKey('hmac', () => crypto.randomBytes(HMAC_KEY_BYTES))
+      .then((material) => (hmacKey = toHmacKey(material)))
+      .finally(() => {
+        hmacLoading = undefined;
+      });
+    return hmacLoading;
+  }
+
+  /**
+   * The HMAC key for a write on `executor`. Inside a caller's transaction the stored key is read
+   * through that transaction (committed rows only: we never insert keys through it). The very
+   * first key is created through `db`, autocommitted, so it exists whether or not the caller
+   * commits; on single-connection PGlite that would wait for the caller's own transaction, so
+   * the wait is bounded and the caller fails closed (503) while the key is created after it.
+   */
+  async function hmacKeyFor(executor: Executor): Promise<KeyObject> {
+    if (hmacKey) return hmacKey;
+    if (!executor.isTransaction) return loadHmacKey();
+    const row = await repo.findKey(executor, 'hmac', KEY_VERSION);
+    if (row) {
+      hmacKey ??= toHmacKey(await kek.unwrap(row.wrappedKey, auditKeyBinding('hmac', KEY_VERSION, kek.keyName)));
+      return hmacKey;
+    }
+    const loading = loadHmacKey();
+    let timer: NodeJS.Timeout | undefined;
+    const timeout = new Promise<never>((_, reject) => {
+      timer = setTimeout(() => reject(new UnavailableError('The audit key is being created; retry')), KEY_CREATION_WAIT_MS);
+    });
+    loading.catch(() => {}); // still awaited below; a late failure must not go unhandled
+    try {
+      return await Promise.race([loading, timeout]);
+    } finally {
+      clearTimeout(timer);
+    }
+  }
+
+  let signingKey: SigningKey | undefined;
+  let signingLoading: Promise<SigningKey> | undefined;
+
+  function loadSigningKey(): Promise<SigningKey> {
+    if (signingKey) return Promise.resolve(signingKey);
+    signingLoading ??= loadOrCreateKey('checkpoint', () =>
+      crypto.generateKeyPairSync('ed25519').privateKey.export({ format: 'der', type: 'pkcs8' }),
+    )
+      .then(async (der) => {
+        let privateKey: KeyObject;
+        try {
+          privateKey = crypto.createPrivateKey({ key: der, format: 'der', type: 'pkcs8' });
+        } finally {
+          der.fill(0);
+        }
+        if (privateKey.asymmetricKeyType !== 'ed25519') throw new Error('The stored checkpoint key is not an Ed25519 key');
+        const publicKey = crypto.createPublicKey(privateKey);
+        const { x } = publicKey.export({ format: 'jwk' });
+        if (typeof x !== 'string') throw new Error('The checkpoint public key could not be exported');
+        const kid = await calculateJwkThumbprint({ kty: 'OKP', crv: 'Ed25519', x });
+        signingKey = { privateKey, publicKey, publicJwk: { kty: 'OKP', crv: 'Ed25519', x, kid, alg: CHECKPOINT_ALG, use: 'sig' } };
+        return signingKey;
+      })
+      .finally(() => {
+        signingLoading = undefined;
+      });
+    return signingLoading;
+  }
+
+  // ---- appending ----
+
+  /** Append prepared events under the chain-head lock of `trx` (one lock, one INSERT per 1,000 events). */
+  async function append(trx: Executor, key: KeyObject, events: ReadonlyArray<PreparedEvent>): Promise<void> {
+    const head = await repo.lockHead(trx);
+    // read the clock under the lock, so time never goes backwards along the chain of one process
+    const occurredAt = clock.now();
+    const time = canonicalTime(occurredAt);
+    let prevHash = head.hash;
+    let position = head.position;
+    const rows = events.map((event): repo.NewAuditEventRow => {
+      position += 1;
+      const hash = chainHash(key, prevHash, canonicalEvent({ ...event, position, time }));
+      const row = { ...event, position, occurredAt, prevHash, hash };
+      prevHash = hash;
+      return row;
+    });
+    await repo.insertEvents(trx, rows);
+    await repo.updateHead(trx, { position, hash: prevHash });
+  }
+
+  async function record(executor: Executor, events: ReadonlyArray<AuditEventInput>): Promise<void> {
+    const prepared = events.map(prepareEvent);
+    if (prepared.length === 0) return;
+    if (!executor.isTransaction) {
+      // a lock outside a transaction would be released at once: give the events their own
+      await (executor as Kysely<DB>).transaction().execute(async (trx) => append(trx, await hmacKeyFor(trx), prepared));
+      return;
+    }
+    await append(executor, await hmacKeyFor(executor), prepared);
+  }
+
+  // ---- group commit of reads ----
+
+  const queue: Waiter[] = [];
+  let batchTimer: NodeJS.Timeout | undefined;
+  let writing: Promise<void> | undefined;
+  let closed = false;
+
+  function recordRead(events: ReadonlyArray<AuditEventInput>): Promise<void> {
+    if (closed) return Promise.reject(new UnavailableError('The audit log is shutting down'));
+    let prepared: PreparedEvent[];
+    try {
+      prepared = events.map(prepareEvent); // a bad event fails its own request, never the batch
+    } catch (error) {
+      return Promise.reject(error);
+    }
+    if (prepared.length === 0) return Promise.resolve();
+    return new Promise<void>((resolve, reject) => {
+      queue.push({ events: prepared, resolve, reject });
+      if (batchTimer === undefined && writing === undefined) {
+        batchTimer = setTimeout(startWriter, batchWindowMs);
+      }
+    });
+  }
+
+  /** One writer: drains the queue batch after batch (what arrives during a commit forms the next batch). */
+  function startWriter(): void {
+    batchTimer = undefined;
+    if (writing !== undefined) return;
+    writing = (async () => {
+      while (queue.length > 0) await commitBatch(takeBatch());
+    })().finally(() => {
+      writing = undefined;
+    });
+  }
+
+  function takeBatch(): Waiter[] {
+    let count = 0;
+    let n = 0;
+    while (n < queue.length && (n === 0 || count + (queue[n] as Waiter).events.length <= maxBatchEvents)) {
+      count += (queue[n] as Waiter).events.length;
+      n += 1;
+    }
+    return queue.splice(0, n);
+  }
+
+  async function commitBatch(batch: Waiter[]): Promise<void> {
+    try {
+      const key = await loadHmacKey();
+      await db.transaction().execute((trx) => append(trx, key, batch.flatMap((w) => w.events)));
+      for (const waiter of batch) waiter.resolve();
+    } catch (error) {
+      logger.error({ err: error, requests: batch.length }, 'audit group commit failed: its requests fail closed');
+      const failure = error instanceof AppError ? error : new UnavailableError('The audit log could not be written');
+      for (const waiter of batch) waiter.reject(failure);
+    }
+  }
+
+  // ---- checkpoints ----
+
+  function toCheckpoint(row: repo.CheckpointRow): Checkpoint {
+    return { id: row.id, position: row.position, hash: row.hash.toString('hex'), time: row.signedAt.toISOString(), kid: row.kid, jws: row.jws };
+  }
+
+  async function createCheckpoint(): Promise<Checkpoint> {
+    const signer = await loadSigningKey();
+    const head = await repo.readHead(db);
+    if (!head) throw new Error('The audit chain head row is missing');
+    const signedAt = clock.now();
+    const payload: CheckpointPayload = { position: head.position, hash: head.hash.toString('hex'), time: signedAt.toISOString(), kekName: kek.keyName };
+    const jws = await new CompactSign(Buffer.from(JSON.stringify(payload), 'utf8'))
+      .setProtectedHeader({ alg: CHECKPOINT_ALG, typ: CHECKPOINT_TYP, kid: signer.publicJwk.kid })
+      .sign(signer.privateKey);
+    const row = { position: head.position, hash: head.hash, signedAt, kid: signer.publicJwk.kid, jws };
+    const id = await repo.insertCheckpoint(db, row);
+    logger.info({ checkpoint: id, position: head.position }, 'audit checkpoint signed');
+    return toCheckpoint({ id, ...row });
+  }
+
+  async function checkpointIfChanged(): Promise<Checkpoint | undefined> {
+    const [head, latest] = await Promise.all([repo.readHead(db), repo.latestCheckpoint(db)]);
+    if (!head || head.position === 0 || (latest && latest.position === head.position)) return undefined;
+    return createCheckpoint();
+  }
+
+  /** A stored checkpoint is valid when its JWS verifies with our key and its payload is the row. */
+  async function checkCheckpoint(row: repo.CheckpointRow, signer: SigningKey): Promise<string | undefined> {
+    try {
+      const { payload, protectedHeader } = await compactVerify(row.jws, signer.publicKey, { algorithms: [CHECKPOINT_ALG] });
+      const claims = JSON.parse(Buffer.from(payload).toString('utf8')) as Partial<CheckpointPayload>;
+      if (protectedHeader.kid !== signer.publicJwk.kid || protectedHeader.typ !== CHECKPOINT_TYP) return 'signed with another key or type';
+      if (claims.position !== row.position || claims.hash !== row.hash.toString('hex')) return 'the signed position or hash differs from the stored one';
+      return undefined;
+    } catch {
+      return 'the signature does not verify';
+    }
+  }
+
+  // ---- verify ----
+
+  async function verify(verifyOptions: VerifyOptions = {}): Promise<VerifyResult> {
+    const { fromPosition, fromCheckpoint } = verifyOptions;
+    if (fromPosition !== undefined && fromCheckpoint !== undefined) throw new BadRequestError('Give fromPosition or fromCheckpoint, not both');
+    if (fromPosition !== undefined && (!Number.isSafeInteger(fromPosition) || fromPosition < 1)) {
+      throw new BadRequestError('fromPosition must be an integer ≥ 1', { field: 'fromPosition' });
+    }
+    const [key, signer] = await Promise.all([loadHmacKey(), loadSigningKey()]);
+    const head = await repo.readHead(db);
+    const base = { checked: 0, checkpointsChecked: 0, headPosition: head?.position ?? 0 };
+    if (!head) return { ...base, ok: false, fromPosition: 1, firstBadPosition: 1, reason: 'head_missing', detail: 'the chain-head row is missing' };
+
+    let start = fromPosition ?? 1;
+    if (fromCheckpoint !== undefined) {
+      const anchor = await repo.findCheckpoint(db, fromCheckpoint);
+      if (!anchor) throw new NotFoundError(`Checkpoint ${fromCheckpoint} does not exist`);
+      const problem = await checkCheckpoint(anchor, signer);
+      if (problem !== undefined) {
+        return { ...base, ok: false, fromPosition: anchor.position, firstBadPosition: anchor.position, reason: 'checkpoint_invalid', detail: `checkpoint ${anchor.id}: ${problem}` };
+      }
+      if (anchor.position > head.position) {
+        return { ...base, ok: false, fromPosition: anchor.position, firstBadPosition: head.position + 1, reason: 'missing_event', detail: `checkpoint ${anchor.id} names event ${anchor.position}, beyond the chain head` };
+      }
+      start = Math.max(anchor.position, 1);
+    } else if (fromPosition !== undefined && fromPosition > Math.max(head.position, 1)) {
+      throw new BadRequestError(`fromPosition is beyond the chain head (${head.position})`, { field: 'fromPosition' });
+    }
+    const result = { ...base, fromPosition: start };
+    const broken = (position: number, reason: VerifyFailure, detail: string): VerifyResult => ({ ...result, ok: false, firstBadPosition: position, reason, detail });
+
+    let prevHash = GENESIS_HASH;
+    if (start > 1) {
+      const before = await repo.hashAt(db, start - 1);
+      if (!before) return broken(start - 1, 'missing_event', `event ${start - 1} (before the starting point) is missing`);
+      prevHash = before;
+    }
+
+    // signed checkpoints on the way must match the events they name
+    const checkpoints = new Map<number, repo.CheckpointRow[]>();
+    for (const cp of await repo.checkpointsBetween(db, start, head.position)) {
+      const list = checkpoints.get(cp.position) ?? [];
+      list.push(cp);
+      checkpoints.set(cp.position, list);
+    }
+
+    let expected = start;
+    let prevHex = prevHash.toString('hex');
+    const fetchPage = (from: number) => repo.selectChainPage(db, from, Math.min(from + verifyPageSize - 1, head.position));
+    let page = start <= head.position ? fetchPage(start) : undefined;
+    try {
+      while (page !== undefined) {
+        const rows = await page;
+        // fetch the next page while this one is hashed
+        const next = expected + rows.length;
+        page = next <= head.position ? fetchPage(next) : undefined;
+        page?.catch(() => {}); // awaited on the next turn, or abandoned if the walk stops here
+        for (let i = 0; i < rows.length; i++) {
+          // Yield now and then: the prefetch above only reaches the server once the event loop
+          // turns, and other requests must not wait for a whole page of HMACs.
+          if (i % YIELD_EVERY === 0) await yieldToEventLoop();
+          // [position, time, actor, action, outcome, keyId, details, requestId, prevHash, hash]
+          const row = rows[i];
+          if (row === undefined) return broken(expected, 'missing_event', `event ${expected} is missing`);
+          if (row[8] !== prevHex) return broken(expected, 'broken_link', `event ${expected} does not link to event ${expected - 1}`);
+          const canonical = canonicalEvent({
+            position: row[0],
+            time: row[1],
+            actor: row[2],
+            action: row[3],
+            outcome: row[4],
+            keyId: row[5],
+            detailsJson: canonicalJson(row[6]),
+            requestId: row[7],
+          });
+          if (chainHashHex(key, prevHex, canonical) !== row[9]) {
+            return broken(expected, 'hash_mismatch', `event ${expected} does not match its hash (changed, forged or moved)`);
+          }
+          const signed = checkpoints.get(expected);
+          if (signed !== undefined) {
+            for (const cp of signed) {
+              const problem = await checkCheckpoint(cp, signer);
+              if (problem !== undefined) return broken(expected, 'checkpoint_invalid', `checkpoint ${cp.id}: ${problem}`);
+              if (cp.hash.toString('hex') !== row[9]) return broken(expected, 'checkpoint_mismatch', `checkpoint ${cp.id} signed another hash for event ${expected}`);
+              result.checkpointsChecked += 1;
+            }
+          }
+          prevHex = row[9];
+          expected += 1;
+          result.checked += 1;
+        }
+      }
+    } finally {
+      page?.catch(() => {});
+    }
+    if (expected <= head.position) return broken(expected, 'missing_event', `event ${expected} is missing`);
+    if (head.hash.toString('hex') !== prevHex) return broken(head.position, 'head_mismatch', `the chain head does not match event ${head.position}`);
+    // Anything committed beyond the head was written around the writer: max first, then the head
+    // (a legitimate writer commits its events and the head together, so head >= max then).
+    const max = await repo.maxPosition(db);
+    const headNow = await repo.readHead(db);
+    if (!headNow) return broken(head.position, 'head_missing', 'the chain-head row is missing');
+    if (max > headNow.position) return broken(headNow.position + 1, 'event_after_head', `event ${headNow.position + 1} lies beyond the chain head`);
+    return { ...result, ok: true };
+  }
+
+  // ---- queries ----
+
+  interface EventCursor {
+    p: number;
+    o: 'asc' | 'desc';
+  }
+  const isEventCursor = (value: unknown): value is EventCursor =>
+    typeof value === 'object' && value !== null &&
+    Number.isSafeInteger((value as EventCursor).p) && (value as EventCursor).p >= 0 &&
+    ((value as EventCursor).o === 'asc' || (value as EventCursor).o === 'desc');
+
+  function toDate(value: Date | string | undefined, field: string): Date | undefined {
+    if (value === undefined) return undefined;
+    const date = value instanceof Date ? value : new Date(value);
+    if (Number.isNaN(date.getTime())) throw new BadRequestError(`${field} must be a date-time`, { field });
+    return date;
+  }
+
+  async function queryEvents(filters: EventQuery, cursor: string | undefined, limit: number) {
+    if (!Number.isSafeInteger(limit) || limit < 1 || limit > 1000) throw new BadRequestError('limit must be between 1 and 1000', { field: 'limit' });
+    const order = filters.order ?? 'asc';
+    const after = decodeCursor(cursor, isEventCursor);
+    if (cursor !== undefined && (after === undefined || after.o !== order)) throw new BadRequestError('The cursor is invalid for this query', { field: 'cursor' });
+    const rows = await repo.queryEvents(
+      db,
+      { ...filters, from: toDate(filters.from, 'from'), to: toDate(filters.to, 'to') },
+      after?.p,
+      order,
+      limit + 1,
+    );
+    const more = rows.length > limit;
+    const items = rows.slice(0, limit).map(
+      (r): AuditEventView => ({
+        position: r.position,
+        time: r.occurredAt.toISOString(),
+        actor: r.actor,
+        action: r.action,
+        outcome: r.outcome,
+        keyId: r.keyId,
+        details: r.details,
+        requestId: r.requestId,
+        prevHash: r.prevHash.toString('hex'),
+        hash: r.hash.toString('hex'),
+      }),
+    );
+    const last = items.at(-1);
+    return more && last ? { items, nextCursor: encodeCursor({ p: last.position, o: order } satisfies EventCursor) } : { items };
+  }
+
+  async function listCheckpoints(listOptions: { cursor?: string | undefined; limit?: number | undefined } = {}): Promise<CheckpointList> {
+    const limit = listOptions.limit ?? 100;
+    if (!Number.isSafeInteger(limit) || limit < 1 || limit > 1000) throw new BadRequestError('limit must be between 1 and 1000', { field: 'limit' });
+    const isBefore = (v: unknown): v is { before: number } =>
+      typeof v === 'object' && v !== null && Number.isSafeInteger((v as { before: number }).before);
+    const before = decodeCursor(listOptions.cursor, isBefore);
+    if (listOptions.cursor !== undefined && before === undefined) throw new BadRequestError('The cursor is invalid', { field: 'cursor' });
+    // the exported key is derived from the unwrapped private key, never read from a table
+    const signer = await loadSigningKey();
+    const rows = await repo.listCheckpoints(db, before?.before, limit + 1);
+    const items = rows.slice(0, limit).map(toCheckpoint);
+    const last = items.at(-1);
+    const page: CheckpointList = { publicKey: { ...signer.publicJwk }, items };
+    if (rows.length > limit && last) page.nextCursor = encodeCursor({ before: last.id });
+    return page;
+  }
+
+  // ---- KEK rotation support ----
+
+  async function rewrapKeys(): Promise<{ rewrapped: number; failed: number }> {
+    const keys = await repo.listKeys(db);
+    const results = await kek.rewrapBatch(keys.map((k) => ({ blob: k.wrappedKey, context: auditKeyBinding(k.purpose, k.version, kek.keyName) })));
+    let rewrapped = 0;
+    let failed = 0;
+    for (const [i, k] of keys.entries()) {
+      const result = results[i];
+      if (!result || !result.ok) {
+        failed += 1;
+        logger.error({ purpose: k.purpose, version: k.version }, 'audit key rewrap failed');
+        continue;
+      }
+      if (result.blob === k.wrappedKey) continue;
+      const replaced = await repo.replaceKeyBlob(db, { purpose: k.purpose, version: k.version, oldWrappedKey: k.wrappedKey, wrappedKey: result.blob, kekVersion: kekBlobVersion(result.blob) });
+      if (replaced) rewrapped += 1;
+    }
+    return { rewrapped, failed };
+  }
+
+  async function kekVersionsInUse(): Promise<number[]> {
+    return [...new Set((await repo.listKeys(db)).map((k) => k.kekVersion))].sort((a, b) => a - b);
+  }
+
+  // ---- periodic checkpoints and shutdown ----
+
+  let checkpointTimer: NodeJS.Timeout | undefined;
+  let checkpointRunning: Promise<unknown> | undefined;
+  if (options.checkpointIntervalMs !== undefined && options.checkpointIntervalMs > 0) {
+    checkpointTimer = setInterval(() => {
+      if (checkpointRunning !== undefined) return;
+      checkpointRunning = checkpointIfChanged()
+        .catch((error: unknown) => logger.error({ err: error }, 'periodic audit checkpoint failed'))
+        .finally(() => {
+          checkpointRunning = undefined;
+        });
+    }, options.checkpointIntervalMs);
+    checkpointTimer.unref();
+  }
+
+  async function close(): Promise<void> {
+    closed = true;
+    if (checkpointTimer !== undefined) clearInterval(checkpointTimer);
+    checkpointTimer = undefined;
+    if (batchTimer !== undefined) {
+      clearTimeout(batchTimer);
+      startWriter();
+    }
+    await writing;
+    await checkpointRunning;
+  }
+
+  return {
+    record,
+    recordRead,
+    async init() {
+      await Promise.all([loadHmacKey(), loadSigningKey()]);
+    },
+    verify,
+    createCheckpoint,
+    checkpointIfChanged,
+    listCheckpoints,
+    queryEvents,
+    async chainLength() {
+      return (await repo.readHead(db))?.position ?? 0;
+    },
+    rewrapKeys,
+    kekVersionsInUse,
+    close,
+  };
+}
