@@ -7,6 +7,9 @@ import type { ColumnType } from 'kysely';
 type Timestamp = ColumnType<Date, Date | string, Date | string>;
 /** a timestamp column with a database default */
 type DefaultedTimestamp = ColumnType<Date, Date | string | undefined, Date | string>;
+/** a nullable column that inserts may omit */
+type Optional<T, W = T> = ColumnType<T | null, W | null | undefined, W | null>;
+type OptionalTimestamp = Optional<Date, Date | string>;
 
 export type VersionState =
   | 'pending'
@@ -42,6 +45,8 @@ export interface DevicesTable {
   id: string;
   group_id: string;
   created_at: DefaultedTimestamp;
+  /** crypto-shred requested: when it becomes final (null when not being destroyed) */
+  destroy_after: OptionalTimestamp;
 }
 
 /** A device DEK version: `nonce ‖ ciphertext ‖ tag` under one group DEK version. */
@@ -54,6 +59,9 @@ export interface DeviceVersionsTable {
   created_at: DefaultedTimestamp;
   state_changed_at: DefaultedTimestamp;
   state_until: Timestamp | null;
+  /** the state before a crypto-shred request moved it to destroy_scheduled (restore puts it back) */
+  state_before_destroy: Optional<VersionState>;
+  state_until_before_destroy: OptionalTimestamp;
 }
 
 export interface FieldKeysTable {
@@ -73,6 +81,9 @@ export interface FieldVersionsTable {
   created_at: DefaultedTimestamp;
   state_changed_at: DefaultedTimestamp;
   state_until: Timestamp | null;
+  /** the state before a crypto-shred request moved it to destroy_scheduled (restore puts it back) */
+  state_before_destroy: Optional<VersionState>;
+  state_until_before_destroy: OptionalTimestamp;
 }
 
 /** A backend service and the public key its deliveries are encrypted to. */

@@ -14,8 +14,9 @@ import type {
 
 export type GroupRow = Selectable<KeyGroupsTable>;
 export type GroupVersionRow = Selectable<GroupVersionsTable>;
-export type DeviceVersionRow = Selectable<DeviceVersionsTable>;
-export type FieldVersionRow = Selectable<FieldVersionsTable>;
+// the columns the hierarchy reads (the crypto-shred bookkeeping lives in lifecycle.repository.ts)
+export type DeviceVersionRow = Omit<Selectable<DeviceVersionsTable>, 'state_before_destroy' | 'state_until_before_destroy'>;
+export type FieldVersionRow = Omit<Selectable<FieldVersionsTable>, 'state_before_destroy' | 'state_until_before_destroy'>;
 
 /** States whose material may be delivered to backends (DESIGN §2). */
 export { DELIVERABLE_STATES } from './lifecycle.js';

@@ -5,9 +5,9 @@
  * one) is a 409 wherever it is attempted.
  *
  *   pending ──► primary ──► grace ──► decrypt_only ──► destroy_scheduled ──► destroyed
- *                  │           │            │                 │
- *                  └───────────┴────────────┴──► disabled ◄───┘ (restore returns to disabled)
- *                                                   │
+ *                  │           │            │                 ▲     │
+ *                  └───────────┴────────────┴──► disabled ────┘     │ restore: each version back
+ *                                                   │               ▼ to the state it had before
  *                         enable returns it to decrypt_only (never to primary: a new primary
  *                         comes only from a rotation)
  */
@@ -35,8 +35,9 @@ const TRANSITIONS: Readonly<Record<VersionState, readonly VersionState[]>> = {
   grace: ['primary', 'decrypt_only', 'disabled', 'destroy_scheduled'],
   decrypt_only: ['disabled', 'destroy_scheduled'],
   disabled: ['decrypt_only', 'destroy_scheduled'],
-  // restore: back to what it can safely be (not deliverable until an admin enables it)
-  destroy_scheduled: ['disabled', 'decrypt_only', 'destroyed'],
+  // restore (cancelling a crypto-shred within its waiting period) puts every version back in the
+  // state it had, so a former primary is primary again and the device stays usable
+  destroy_scheduled: ['pending', 'primary', 'grace', 'decrypt_only', 'disabled', 'destroyed'],
   destroyed: [],
 };
 
