@@ -13,9 +13,8 @@
  *   - `hmac`: 32 random bytes, the chain's HMAC-SHA256 key (audit.chain.ts);
  *   - `checkpoint`: an Ed25519 private key (PKCS#8) signing checkpoints as compact JWS.
  * Each is generated on first use, stored with `insert … on conflict do nothing` and read back,
- * so concurrent first uses on several replicas agree on one key. Call `init()` at start-up: then
- * no request pays for the creation (and on single-connection PGlite, the first `record` inside a
- * transaction does not have to wait for it).
+ * so concurrent first uses on several replicas agree on one key. Call `init()` at start-up (after
+ * the KEK provider's): then no request waits for the keys, and none fails while they load.
  *
  * Nothing secret reaches an event, a log line or an error: keys stay in KeyObjects, blobs are
  * never logged, and the only event contents are what callers pass (ids, versions, states).
@@ -49,8 +48,8 @@ export const CHECKPOINT_TYP = 'keystrata-audit-checkpoint+jws';
 
 const KEY_VERSION = 1;
 const HMAC_KEY_BYTES = 32;
-/** How long `record` inside a transaction waits for the first-ever creation of the HMAC key. */
-const KEY_CREATION_WAIT_MS = 5000;
+/** How long `record` inside a caller's transaction waits for the HMAC key to load (see hmacKeyFor). */
+const KEY_WAIT_IN_TRANSACTION_MS = 1000;
 /** `verify` lets the event loop turn every so many events (about 10 ms of hashing). */
 const YIELD_EVERY = 2000;
 
@@ -261,26 +260,22 @@ export function createAuditService(options: AuditServiceOptions): AuditService {
   }
 
   /**
-   * The HMAC key for a write on `executor`. Inside a caller's transaction the stored key is read
-   * through that transaction (committed rows only: we never insert keys through it). The very
-   * first key is created through `db`, autocommitted, so it exists whether or not the caller
-   * commits; on single-connection PGlite that would wait for the caller's own transaction, so
-   * the wait is bounded and the caller fails closed (503) while the key is created after it.
+   * The HMAC key for a write on `executor`. Outside a transaction: load it (creating it on first
+   * use). Inside the caller's transaction the key is loaded the same way, through `db` and so
+   * another connection, autocommitted, so a created key exists whether or not the caller
+   * commits. That connection may not come while the callers' transactions hold them all (a burst
+   * of first writes on a full pool, or single-connection PGlite), so the wait is bounded and the
+   * caller fails closed (503, retryable) while the key finishes loading. `init()` at start-up
+   * keeps every request off this path.
    */
   async function hmacKeyFor(executor: Executor): Promise<KeyObject> {
     if (hmacKey) return hmacKey;
-    if (!executor.isTransaction) return loadHmacKey();
-    const row = await repo.findKey(executor, 'hmac', KEY_VERSION);
-    if (row) {
-      hmacKey ??= toHmacKey(await kek.unwrap(row.wrappedKey, auditKeyBinding('hmac', KEY_VERSION, kek.keyName)));
-      return hmacKey;
-    }
     const loading = loadHmacKey();
+    if (!executor.isTransaction) return loading;
     let timer: NodeJS.Timeout | undefined;
     const timeout = new Promise<never>((_, reject) => {
-      timer = setTimeout(() => reject(new UnavailableError('The audit key is being created; retry')), KEY_CREATION_WAIT_MS);
+      timer = setTimeout(() => reject(new UnavailableError('The audit log is starting; retry', 1)), KEY_WAIT_IN_TRANSACTION_MS);
     });
-    loading.catch(() => {}); // still awaited below; a late failure must not go unhandled
     try {
       return await Promise.race([loading, timeout]);
     } finally {
@@ -343,7 +338,8 @@ export function createAuditService(options: AuditServiceOptions): AuditService {
     if (prepared.length === 0) return;
     if (!executor.isTransaction) {
       // a lock outside a transaction would be released at once: give the events their own
-      await (executor as Kysely<DB>).transaction().execute(async (trx) => append(trx, await hmacKeyFor(trx), prepared));
+      const key = await hmacKeyFor(executor); // before taking a connection for the transaction
+      await (executor as Kysely<DB>).transaction().execute((trx) => append(trx, key, prepared));
       return;
     }
     await append(executor, await hmacKeyFor(executor), prepared);
