@@ -19,8 +19,10 @@ import { createKeyFetchService } from './delivery/key-fetch.service.js';
 import { ForbiddenError } from './http/errors.js';
 import { registerErrorHandling } from './http/error-handler.js';
 import { healthRoutes } from './http/health.routes.js';
+import { createMetrics, registerMetrics } from './http/metrics.js';
 import { Problem } from './http/schemas.js';
 import { registerSwagger } from './http/swagger.js';
+import { registerValidation } from './http/validation.js';
 import './http/request-context.js';
 import { kekRoutes } from './kek/kek.routes.js';
 import type { KekProvider } from './kek/kek.types.js';
@@ -33,7 +35,7 @@ export interface AppDeps {
   config: Readonly<Config>;
   database: Database;
   kek: KekProvider;
-  audit: AuditSink;
+  audit: AuditSink & { chainLength?(): Promise<number> };
   authenticator: Authenticator;
   clock: Clock;
   logger: Logger;
@@ -56,11 +58,11 @@ export async function buildApp(deps: AppDeps): Promise<KeystrataApp> {
       return typeof incoming === 'string' && REQUEST_ID.test(incoming) ? incoming : crypto.randomUUID();
     },
     requestIdHeader: false,
-    ajv: { customOptions: { removeAdditional: false, coerceTypes: 'array', allErrors: false } },
     routerOptions: { maxParamLength: 200 },
   }).withTypeProvider<TypeBoxTypeProvider>();
 
   app.addSchema(Problem);
+  registerValidation(app);
   registerErrorHandling(app);
   await registerSwagger(app);
   app.addHook('onSend', async (request, reply) => {
@@ -69,10 +71,13 @@ export async function buildApp(deps: AppDeps): Promise<KeystrataApp> {
   });
 
   const cache = createKeyCache(config.keyCache);
+  const metrics = createMetrics({ auditChainLength: async () => (audit.chainLength ? audit.chainLength() : 0), cacheStats: () => cache.stats() });
+  registerMetrics(app, metrics.registry);
   const material = createKeyMaterial({
     kek,
     cache,
     onUnwrapFailure: ({ keyId, version }) => {
+      metrics.failedUnwraps.inc();
       audit.recordRead([{ actor: 'system', action: 'key.unwrap', outcome: 'failure', keyId, details: { version } }]).catch((err: unknown) => {
         deps.logger.error({ err }, 'could not audit a failed unwrap');
       });
@@ -80,7 +85,16 @@ export async function buildApp(deps: AppDeps): Promise<KeystrataApp> {
   });
   const keys = createKeyService({ db: database.db, material, audit, clock });
   const clients = createClientService({ db: database.db, audit, clock });
-  const fetch = createKeyFetchService({ db: database.db, material, clients, audit });
+  const fetch = createKeyFetchService({
+    db: database.db,
+    material,
+    clients,
+    audit,
+    onDelivered: (kind, keyCount) => {
+      metrics.keyDeliveries.inc({ kind });
+      metrics.deliveredKeys.inc(keyCount);
+    },
+  });
 
   // Deny by default: a route must say it is public or name the scope it needs.
   app.addHook('onRequest', async (request) => {
@@ -91,6 +105,7 @@ export async function buildApp(deps: AppDeps): Promise<KeystrataApp> {
       request.principal = await authenticator.authenticate(request.headers.authorization);
     } catch (error) {
       if (error instanceof AuthenticationError) {
+        metrics.failedAuthentications.inc({ reason: error.reason });
         await audit.recordRead([
           { actor: 'anonymous', action: 'auth.failed', outcome: 'denied', requestId: request.id, details: { reason: error.reason, method: request.method, route: request.routeOptions.url } },
         ]);
@@ -99,6 +114,7 @@ export async function buildApp(deps: AppDeps): Promise<KeystrataApp> {
     }
     const scope = routeConfig.scope;
     if (scope === undefined || !hasScope(request.principal, scope)) {
+      metrics.refusedAuthorizations.inc();
       await audit.recordRead([
         { actor: request.principal.sub, action: 'authz.refused', outcome: 'denied', requestId: request.id, details: { required: scope ?? 'none', method: request.method, route: request.routeOptions.url } },
       ]);

@@ -40,7 +40,13 @@ interface Resolved {
 
 type VersionRow = keys.DeviceVersionRow | keys.FieldVersionRow;
 
-export function createKeyFetchService(deps: { db: Kysely<DB>; material: KeyMaterial; clients: ClientService; audit: AuditSink }) {
+export function createKeyFetchService(deps: {
+  db: Kysely<DB>;
+  material: KeyMaterial;
+  clients: ClientService;
+  audit: AuditSink;
+  onDelivered?: (kind: 'single' | 'bulk', keyCount: number) => void;
+}) {
   const { db, material, clients, audit } = deps;
 
   /** GET /v1/devices/{id}/keys and /fields/{field}/keys: one item, errors as HTTP problems. */
@@ -58,14 +64,18 @@ export function createKeyFetchService(deps: { db: Kysely<DB>; material: KeyMater
       if (miss.reason === 'not_deliverable') throw new ConflictError(`${what}${versionText} is not deliverable in its current state`, 'version_not_deliverable');
       throw new NotFoundError(`${what}${versionText} not found (or not in the groups of your token)`);
     }
-    return deliver(principal, requestId, delivery, delivered, keyIdOf(item));
+    const result = await deliver(principal, requestId, delivery, delivered, keyIdOf(item));
+    deps.onDelivered?.('single', delivered.length);
+    return result;
   }
 
   /** POST /v1/keys/fetch: up to 1,000 items, one JWE, unresolvable items listed in `missing`. */
   async function fetchMany(principal: Principal, requestId: string, items: readonly FetchItem[]): Promise<{ jwe: string; missing: MissingItem[] }> {
     const delivery = await requireDeliveryKey(principal);
     const { keys: delivered, missing } = await resolve(principal, items);
+    const count = delivered.length;
     const { jwe } = await deliver(principal, requestId, delivery, delivered, 'bulk', missing.length);
+    deps.onDelivered?.('bulk', count);
     return { jwe, missing };
   }
 

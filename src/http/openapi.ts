@@ -14,11 +14,12 @@ import { createLogger } from '../logger.js';
 
 export const OPENAPI_FILE = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../../openapi/openapi.json');
 
-const inert = <T>(): T =>
-  new Proxy({}, {
-    get: (_target, property) => {
-      if (property === 'then') return undefined;
-      throw new Error(`OpenAPI generation touched ${String(property)}`);
+/** A stand-in that may be passed around and have its members read, but never be called. */
+const inert = <T>(path = 'dependency'): T =>
+  new Proxy(() => undefined, {
+    get: (_target, property) => (property === 'then' ? undefined : inert(`${path}.${String(property)}`)),
+    apply: () => {
+      throw new Error(`OpenAPI generation called ${path}`);
     },
   }) as T;
 

@@ -1,7 +1,7 @@
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import fs from 'node:fs';
 import path from 'node:path';
-import { SignJWT, UnsecuredJWT, calculateJwkThumbprint, generateKeyPair, importJWK, type JWK } from 'jose';
+import { SignJWT, UnsecuredJWT, calculateJwkThumbprint, generateKeyPair, importJWK, type CryptoKey, type JWK } from 'jose';
 import { createTestApp, type TestApp } from '../support/app.js';
 import { call, expectProblem, newDeliveryKeyPair } from '../support/flow.js';
 
