@@ -269,13 +269,12 @@ export async function listCheckpoints(db: Executor, beforeId: number | undefined
   return rows.map(toCheckpoint);
 }
 
-/** Checkpoints whose position lies in [from, to], oldest first. */
-export async function checkpointsBetween(db: Executor, from: number, to: number): Promise<CheckpointRow[]> {
+/** Checkpoints whose position is at least `from`, oldest first. */
+export async function checkpointsFrom(db: Executor, from: number): Promise<CheckpointRow[]> {
   const rows = await db
     .selectFrom('audit_checkpoints')
     .select(CHECKPOINT_COLUMNS)
     .where('position', '>=', from)
-    .where('position', '<=', to)
     .orderBy('position')
     .orderBy('id')
     .execute();

@@ -480,9 +480,14 @@ export function createAuditService(options: AuditServiceOptions): AuditService {
       prevHash = before;
     }
 
-    // signed checkpoints on the way must match the events they name
+    // signed checkpoints on the way must match the events they name; one beyond the head means a truncated chain
     const checkpoints = new Map<number, repo.CheckpointRow[]>();
-    for (const cp of await repo.checkpointsBetween(db, start, head.position)) {
+    const beyondHead: repo.CheckpointRow[] = [];
+    for (const cp of await repo.checkpointsFrom(db, start)) {
+      if (cp.position > head.position) {
+        beyondHead.push(cp);
+        continue;
+      }
       const list = checkpoints.get(cp.position) ?? [];
       list.push(cp);
       checkpoints.set(cp.position, list);
@@ -539,6 +544,11 @@ export function createAuditService(options: AuditServiceOptions): AuditService {
     }
     if (expected <= head.position) return broken(expected, 'missing_event', `event ${expected} is missing`);
     if (head.hash.toString('hex') !== prevHex) return broken(head.position, 'head_mismatch', `the chain head does not match event ${head.position}`);
+    for (const cp of beyondHead) {
+      const problem = await checkCheckpoint(cp, signer);
+      if (problem !== undefined) return broken(head.position + 1, 'checkpoint_invalid', `checkpoint ${cp.id}: ${problem}`);
+      return broken(head.position + 1, 'missing_event', `checkpoint ${cp.id} signed event ${cp.position}, beyond the chain head: events were removed`);
+    }
     // Anything committed beyond the head was written around the writer: max first, then the head
     // (a legitimate writer commits its events and the head together, so head >= max then).
     const max = await repo.maxPosition(db);
