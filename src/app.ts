@@ -29,6 +29,8 @@ import type { KekProvider } from './kek/kek.types.js';
 import { createKeyCache } from './keys/key-cache.js';
 import { createKeyMaterial } from './keys/key-material.js';
 import { keyRoutes } from './keys/key.routes.js';
+import { createDeviceLifecycleService } from './keys/device-lifecycle.service.js';
+import { lifecycleRoutes } from './keys/lifecycle.routes.js';
 import { createKeyService } from './keys/key.service.js';
 
 export interface AppDeps {
@@ -84,6 +86,7 @@ export async function buildApp(deps: AppDeps): Promise<KeystrataApp> {
     },
   });
   const keys = createKeyService({ db: database.db, material, audit, clock });
+  const lifecycle = createDeviceLifecycleService({ db: database.db, material, audit, clock, keys });
   const clients = createClientService({ db: database.db, audit, clock });
   const fetch = createKeyFetchService({
     db: database.db,
@@ -125,6 +128,7 @@ export async function buildApp(deps: AppDeps): Promise<KeystrataApp> {
   await app.register(healthRoutes, { checks: { database: () => database.ping(), kek: () => kek.health() } });
   await app.register(kekRoutes, { kek });
   await app.register(keyRoutes, { keys });
+  await app.register(lifecycleRoutes, { lifecycle });
   await app.register(deliveryRoutes, { clients, fetch });
   for (const plugin of deps.plugins ?? []) await app.register(plugin);
   return app;

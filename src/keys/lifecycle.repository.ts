@@ -1,0 +1,205 @@
+/**
+ * SQL of version state changes: row locks for the device-level operations (rotate, shred,
+ * restore, disable/enable), guarded updates, and the due-work queries of the sweeps.
+ *
+ * Lock order, everywhere: the group's primary version (share) → the `devices` row → its
+ * `device_versions` rows → its `field_versions` rows → (last, at commit) the audit chain head.
+ * The sweeps lock version rows only, with SKIP LOCKED, so they never wait on a device operation.
+ */
+import { sql, type ExpressionBuilder, type Insertable, type Selectable, type Updateable } from 'kysely';
+import type { DB, Executor } from '../db/database.js';
+import type { DeviceVersionsTable, FieldVersionsTable, VersionState } from '../db/tables.js';
+import type { GroupVersionRow } from './key.repository.js';
+
+export type LockedDeviceVersion = Selectable<DeviceVersionsTable>;
+export type LockedFieldVersion = Selectable<FieldVersionsTable>;
+export type DeviceVersionPatch = Updateable<DeviceVersionsTable>;
+export type FieldVersionPatch = Updateable<FieldVersionsTable>;
+
+export interface LockedDevice {
+  id: string;
+  group_id: string;
+  destroy_after: Date | null;
+}
+
+const DEVICE_VERSION_COLUMNS = [
+  'device_id',
+  'version',
+  'state',
+  'wrapped_key',
+  'parent_version',
+  'created_at',
+  'state_changed_at',
+  'state_until',
+  'state_before_destroy',
+  'state_until_before_destroy',
+] as const;
+const FIELD_VERSION_COLUMNS = ['field', ...DEVICE_VERSION_COLUMNS] as const;
+
+// ---------- locks (device operations) ----------
+
+/** The serialization point of every operation on one device. */
+export async function lockDevice(ex: Executor, deviceId: string): Promise<LockedDevice | undefined> {
+  return ex.selectFrom('devices').select(['id', 'group_id', 'destroy_after']).where('id', '=', deviceId).forUpdate().executeTakeFirst();
+}
+
+export async function lockDeviceVersions(ex: Executor, deviceId: string): Promise<LockedDeviceVersion[]> {
+  return ex.selectFrom('device_versions').select(DEVICE_VERSION_COLUMNS).where('device_id', '=', deviceId).orderBy('version').forUpdate().execute();
+}
+
+export async function lockFieldVersions(ex: Executor, deviceId: string): Promise<LockedFieldVersion[]> {
+  return ex
+    .selectFrom('field_versions')
+    .select(FIELD_VERSION_COLUMNS)
+    .where('device_id', '=', deviceId)
+    .orderBy('field')
+    .orderBy('version')
+    .forUpdate()
+    .execute();
+}
+
+/** The group's primary version, share-locked so a group rotation cannot retire it under a new wrap. */
+export async function lockGroupPrimaryForShare(ex: Executor, groupId: string): Promise<Pick<GroupVersionRow, 'version'> | undefined> {
+  return ex.selectFrom('group_versions').select('version').where('group_id', '=', groupId).where('state', '=', 'primary').forShare().executeTakeFirst();
+}
+
+export async function listGroupVersionMaterial(ex: Executor, groupId: string, versions: readonly number[]): Promise<Array<Pick<GroupVersionRow, 'version' | 'wrapped_key'>>> {
+  if (versions.length === 0) return [];
+  return ex.selectFrom('group_versions').select(['version', 'wrapped_key']).where('group_id', '=', groupId).where('version', 'in', versions).execute();
+}
+
+// ---------- writes ----------
+
+export async function setDestroyAfter(ex: Executor, deviceId: string, destroyAfter: Date | null): Promise<void> {
+  await ex.updateTable('devices').set({ destroy_after: destroyAfter }).where('id', '=', deviceId).execute();
+}
+
+export async function insertDeviceVersion(ex: Executor, row: Insertable<DeviceVersionsTable>): Promise<void> {
+  await ex.insertInto('device_versions').values(row).execute();
+}
+
+export async function insertFieldVersion(ex: Executor, row: Insertable<FieldVersionsTable>): Promise<void> {
+  await ex.insertInto('field_versions').values(row).execute();
+}
+
+/** Update one device version if it is still in `from` (the caller holds its lock; the guard makes a lost race loud). */
+export async function updateDeviceVersion(ex: Executor, deviceId: string, version: number, from: VersionState, patch: DeviceVersionPatch): Promise<void> {
+  const result = await ex
+    .updateTable('device_versions')
+    .set(patch)
+    .where('device_id', '=', deviceId)
+    .where('version', '=', version)
+    .where('state', '=', from)
+    .executeTakeFirst();
+  if (Number(result.numUpdatedRows) !== 1) throw new Error(`device ${deviceId} v${version} was not in state ${from}`);
+}
+
+export async function updateFieldVersion(ex: Executor, deviceId: string, field: string, version: number, from: VersionState, patch: FieldVersionPatch): Promise<void> {
+  const result = await ex
+    .updateTable('field_versions')
+    .set(patch)
+    .where('device_id', '=', deviceId)
+    .where('field', '=', field)
+    .where('version', '=', version)
+    .where('state', '=', from)
+    .executeTakeFirst();
+  if (Number(result.numUpdatedRows) !== 1) throw new Error(`field ${deviceId}/${field} v${version} was not in state ${from}`);
+}
+
+/** Move one field key version's wrap to another device version (its own material is unchanged). */
+export async function rewrapFieldVersion(ex: Executor, row: { device_id: string; field: string; version: number; parent_version: number }, wrapped: Buffer, newParent: number): Promise<void> {
+  const result = await ex
+    .updateTable('field_versions')
+    .set({ wrapped_key: wrapped, parent_version: newParent })
+    .where('device_id', '=', row.device_id)
+    .where('field', '=', row.field)
+    .where('version', '=', row.version)
+    .where('parent_version', '=', row.parent_version)
+    .executeTakeFirst();
+  if (Number(result.numUpdatedRows) !== 1) throw new Error(`field ${row.device_id}/${row.field} v${row.version} moved concurrently`);
+}
+
+// ---------- sweeps ----------
+
+export interface DueVersion {
+  device_id: string;
+  field: string | null;
+  version: number;
+  state: VersionState;
+  state_until: Date;
+  state_before_destroy: VersionState | null;
+}
+
+export interface DueQuery {
+  state: 'grace' | 'destroy_scheduled';
+  now: Date;
+  limit: number;
+  /** FOR UPDATE SKIP LOCKED (a real run); false for a dry run, which locks nothing */
+  lock: boolean;
+}
+
+export async function findDueFieldVersions(ex: Executor, q: DueQuery): Promise<DueVersion[]> {
+  let query = ex
+    .selectFrom('field_versions')
+    .select(['device_id', 'field', 'version', 'state', 'state_until', 'state_before_destroy'])
+    .where('state', '=', q.state)
+    .where('state_until', '<=', q.now)
+    .orderBy('state_until')
+    .orderBy('device_id')
+    .orderBy('field')
+    .orderBy('version')
+    .limit(q.limit);
+  if (q.lock) query = query.forUpdate().skipLocked();
+  return (await query.execute()) as DueVersion[];
+}
+
+/**
+ * Due device versions. For destruction, a device version that still has field key versions
+ * wrapped under it that are neither destroyed nor due themselves is left alone: erasing it
+ * would make them unreadable. (Due ones are erased in the same run, field level first.)
+ */
+export async function findDueDeviceVersions(ex: Executor, q: DueQuery): Promise<DueVersion[]> {
+  let query = ex
+    .selectFrom('device_versions as d')
+    .select(['d.device_id', sql<null>`null`.as('field'), 'd.version', 'd.state', 'd.state_until', 'd.state_before_destroy'])
+    .where('d.state', '=', q.state)
+    .where('d.state_until', '<=', q.now)
+    .orderBy('d.state_until')
+    .orderBy('d.device_id')
+    .orderBy('d.version')
+    .limit(q.limit);
+  if (q.state === 'destroy_scheduled') query = query.where((eb) => eb.not(eb.exists(liveChildren(eb, q.now))));
+  if (q.lock) query = query.forUpdate().skipLocked();
+  return (await query.execute()) as DueVersion[];
+}
+
+/** Due device destructions held back by live field key versions wrapped under them. */
+export async function countBlockedDeviceDestructions(ex: Executor, now: Date): Promise<number> {
+  const row = await ex
+    .selectFrom('device_versions as d')
+    .select((eb) => eb.fn.countAll<number>().as('n'))
+    .where('d.state', '=', 'destroy_scheduled')
+    .where('d.state_until', '<=', now)
+    .where((eb) => eb.exists(liveChildren(eb, now)))
+    .executeTakeFirstOrThrow();
+  return Number(row.n);
+}
+
+function liveChildren(eb: ExpressionBuilder<DB & { d: DeviceVersionsTable }, 'd'>, now: Date) {
+  return eb
+    .selectFrom('field_versions as f')
+    .select(sql<number>`1`.as('one'))
+    .whereRef('f.device_id', '=', 'd.device_id')
+    .whereRef('f.parent_version', '=', 'd.version')
+    .where('f.state', '<>', 'destroyed')
+    .where((eb) => eb.or([eb('f.state', '<>', 'destroy_scheduled'), eb('f.state_until', 'is', null), eb('f.state_until', '>', now)]));
+}
+
+/** Erase one version's material (the row and its history stay). */
+export async function destroyDeviceVersion(ex: Executor, deviceId: string, version: number, now: Date): Promise<void> {
+  await updateDeviceVersion(ex, deviceId, version, 'destroy_scheduled', { state: 'destroyed', wrapped_key: null, state_changed_at: now, state_until: null });
+}
+
+export async function destroyFieldVersion(ex: Executor, deviceId: string, field: string, version: number, now: Date): Promise<void> {
+  await updateFieldVersion(ex, deviceId, field, version, 'destroy_scheduled', { state: 'destroyed', wrapped_key: null, state_changed_at: now, state_until: null });
+}
