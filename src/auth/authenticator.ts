@@ -71,6 +71,41 @@ export interface AuthenticatorOptions extends Readonly<Config['auth']> {
   jwksCooldownMs?: number;
   /** Remote JWKS only: refetch a set older than this (default 10 min). */
   jwksCacheMaxAgeMs?: number;
+  /** Verified tokens remembered (0 turns the cache off); default 10,000. */
+  verifiedTokenCacheSize?: number;
+}
+
+/**
+ * A backend sends the same token with every request until it expires, and verifying its
+ * signature is most of the cost of authentication. A token that verified is remembered,
+ * keyed by its exact bytes, until the earlier of its `exp` and one minute from now (so a key
+ * withdrawn from the JWKS stops being honoured within a minute, as with a JWKS refetch).
+ * Only successes are cached; a forged token never matches a cached one byte for byte.
+ */
+const VERIFIED_TOKEN_MAX_AGE_MS = 60_000;
+
+function createVerifiedTokenCache(maxEntries: number) {
+  const entries = new Map<string, { principal: Principal; until: number }>();
+  return {
+    get(token: string): Principal | undefined {
+      const entry = entries.get(token);
+      if (!entry) return undefined;
+      if (entry.until <= Date.now()) {
+        entries.delete(token);
+        return undefined;
+      }
+      return entry.principal;
+    },
+    set(token: string, principal: Principal, exp: number): void {
+      if (maxEntries <= 0) return;
+      if (entries.size >= maxEntries) {
+        // oldest first: Map keeps insertion order
+        const oldest = entries.keys().next();
+        if (!oldest.done) entries.delete(oldest.value);
+      }
+      entries.set(token, { principal, until: Math.min(exp * 1000, Date.now() + VERIFIED_TOKEN_MAX_AGE_MS) });
+    },
+  };
 }
 
 export interface Authenticator {
@@ -110,17 +145,22 @@ export async function createAuthenticator(options: AuthenticatorOptions): Promis
     clockTolerance: clockToleranceSeconds,
   };
   const getKey = markUnavailability(keySet);
+  const verified = createVerifiedTokenCache(options.verifiedTokenCacheSize ?? 10_000);
 
   return {
     async authenticate(authorizationHeader) {
       const token = parseBearer(authorizationHeader);
+      const cached = verified.get(token);
+      if (cached) return cached;
       let payload: JWTPayload;
       try {
         ({ payload } = await jwtVerify(token, getKey, verifyOptions));
       } catch (error) {
         throw classify(error, token);
       }
-      return toPrincipal(payload);
+      const principal = toPrincipal(payload);
+      verified.set(token, principal, payload.exp as number);
+      return principal;
     },
   };
 }

@@ -1,10 +1,12 @@
 /**
  * Key delivery: every key leaves the service only as a compact JWE (ECDH-ES+A256KW / A256GCM)
  * to the public delivery key a backend registered. The payload is a JWK Set, so a bulk fetch
- * costs one ECDH however many keys it carries. jose does the JOSE work; every call uses a
- * fresh ephemeral key (ECDH-ES), so nothing is reused between deliveries.
+ * costs one ECDH however many keys it carries. Every call uses a fresh ephemeral key
+ * (ECDH-ES), so nothing is reused between deliveries. jose validates delivery keys; the
+ * encryption itself is below, on node:crypto (see encryptKeySet).
  */
-import { CompactEncrypt, calculateJwkThumbprint, importJWK, type JWK } from 'jose';
+import crypto, { type KeyObject } from 'node:crypto';
+import { calculateJwkThumbprint, importJWK } from 'jose';
 import { BadRequestError } from '../http/errors.js';
 
 export const DELIVERY_ALG = 'ECDH-ES+A256KW';
@@ -56,23 +58,79 @@ export interface DeliveredKey {
   meta: Record<string, unknown>;
 }
 
-export type DeliveryKey = Awaited<ReturnType<typeof importJWK>>;
+export type DeliveryKey = { jwk: DeliveryJwk; publicKey: KeyObject };
 
 export async function importDeliveryKey(jwk: DeliveryJwk): Promise<DeliveryKey> {
-  return importJWK(jwk, DELIVERY_ALG);
+  return { jwk, publicKey: crypto.createPublicKey({ key: jwk, format: 'jwk' }) };
 }
 
-/** Encrypt a JWK Set of the given keys to one delivery key. */
+/**
+ * Encrypt a JWK Set of the given keys to one delivery key, as a compact JWE
+ * (RFC 7516/7518 §4.6: ECDH-ES+A256KW, A256GCM).
+ *
+ * Written on node:crypto rather than jose's WebCrypto path because key fetch is the hot path
+ * (about 10× faster here, issue 7); it is the same construction step by step, and
+ * test/crypto/jwe.test.ts checks every output decrypts with jose.
+ *
+ *   epk        fresh ephemeral key pair on the recipient's curve, for every JWE
+ *   Z          ECDH(epk private, recipient public)
+ *   KEK        Concat KDF (NIST SP 800-56A, SHA-256, one round): SHA-256(1 ‖ Z ‖ OtherInfo),
+ *              OtherInfo = len‖"ECDH-ES+A256KW" ‖ len‖apu(empty) ‖ len‖apv(empty) ‖ 256
+ *   CEK        32 random bytes, wrapped with AES-256-KW (RFC 3394) under KEK
+ *   content    AES-256-GCM(CEK, 96-bit random IV, AAD = ASCII(base64url(protected header)))
+ *   output     header . encrypted key . iv . ciphertext . tag (each base64url)
+ */
 export async function encryptKeySet(deliveryKey: DeliveryKey, deliveryKid: string, keys: ReadonlyArray<DeliveredKey>): Promise<string> {
-  const jwks: { keys: JWK[] } = {
-    keys: keys.map((k) => ({ ...k.meta, kty: 'oct', alg: 'A256GCM', kid: k.kid, k: k.key.toString('base64url') })),
-  };
+  const jwks = { keys: keys.map((k) => ({ ...k.meta, kty: 'oct', alg: 'A256GCM', kid: k.kid, k: k.key.toString('base64url') })) };
   const payload = Buffer.from(JSON.stringify(jwks), 'utf8');
+  const cek = crypto.randomBytes(32);
+  let kek: Buffer | undefined;
   try {
-    return await new CompactEncrypt(payload)
-      .setProtectedHeader({ alg: DELIVERY_ALG, enc: DELIVERY_ENC, kid: deliveryKid, cty: 'jwk-set+json' })
-      .encrypt(deliveryKey);
+    const ephemeral =
+      deliveryKey.jwk.kty === 'OKP' ? crypto.generateKeyPairSync('x25519') : crypto.generateKeyPairSync('ec', { namedCurve: 'prime256v1' });
+    const z = crypto.diffieHellman({ privateKey: ephemeral.privateKey, publicKey: deliveryKey.publicKey });
+    kek = concatKdf(z);
+    z.fill(0);
+    const epk = ephemeralPublicJwk(ephemeral.publicKey, deliveryKey.jwk.kty);
+    const header = base64url(JSON.stringify({ alg: DELIVERY_ALG, enc: DELIVERY_ENC, kid: deliveryKid, cty: 'jwk-set+json', epk }));
+    const wrapper = crypto.createCipheriv('id-aes256-wrap', kek, AES_KW_IV);
+    const encryptedKey = Buffer.concat([wrapper.update(cek), wrapper.final()]);
+    const iv = crypto.randomBytes(12);
+    const cipher = crypto.createCipheriv('aes-256-gcm', cek, iv);
+    cipher.setAAD(Buffer.from(header, 'ascii'));
+    const ciphertext = Buffer.concat([cipher.update(payload), cipher.final()]);
+    return [header, encryptedKey.toString('base64url'), iv.toString('base64url'), ciphertext.toString('base64url'), cipher.getAuthTag().toString('base64url')].join('.');
   } finally {
     payload.fill(0);
+    cek.fill(0);
+    kek?.fill(0);
   }
+}
+
+const AES_KW_IV = Buffer.from('a6a6a6a6a6a6a6a6', 'hex'); // RFC 3394 default initial value
+
+/** Concat KDF for ECDH-ES+A256KW with empty apu/apv: one SHA-256 round yields the 256-bit KEK. */
+const OTHER_INFO = Buffer.concat([lengthPrefixed(Buffer.from(DELIVERY_ALG, 'ascii')), lengthPrefixed(Buffer.alloc(0)), lengthPrefixed(Buffer.alloc(0)), uint32(256)]);
+
+function concatKdf(z: Buffer): Buffer {
+  return crypto.createHash('sha256').update(uint32(1)).update(z).update(OTHER_INFO).digest();
+}
+
+function uint32(value: number): Buffer {
+  const out = Buffer.alloc(4);
+  out.writeUInt32BE(value);
+  return out;
+}
+
+function lengthPrefixed(data: Buffer): Buffer {
+  return Buffer.concat([uint32(data.length), data]);
+}
+
+function ephemeralPublicJwk(publicKey: KeyObject, kty: DeliveryJwk['kty']): Record<string, string> {
+  const jwk = publicKey.export({ format: 'jwk' });
+  return kty === 'OKP' ? { kty: 'OKP', crv: 'X25519', x: jwk.x as string } : { kty: 'EC', crv: 'P-256', x: jwk.x as string, y: jwk.y as string };
+}
+
+function base64url(text: string): string {
+  return Buffer.from(text, 'utf8').toString('base64url');
 }

@@ -51,8 +51,8 @@ export function createKeyFetchService(deps: {
 
   /** GET /v1/devices/{id}/keys and /fields/{field}/keys: one item, errors as HTTP problems. */
   async function fetchOne(principal: Principal, requestId: string, item: FetchItem): Promise<{ jwe: string }> {
-    const delivery = await requireDeliveryKey(principal);
-    const { keys: delivered, missing } = await resolve(principal, [item]);
+    const [delivery, rows] = await Promise.all([requireDeliveryKey(principal), loadRows([item])]);
+    const { keys: delivered, missing } = await resolve(principal, [item], rows);
     const miss = missing[0];
     if (miss) {
       const what = item.field ? `Field key ${item.field} of device ${item.deviceId}` : `Device ${item.deviceId}`;
@@ -71,8 +71,8 @@ export function createKeyFetchService(deps: {
 
   /** POST /v1/keys/fetch: up to 1,000 items, one JWE, unresolvable items listed in `missing`. */
   async function fetchMany(principal: Principal, requestId: string, items: readonly FetchItem[]): Promise<{ jwe: string; missing: MissingItem[] }> {
-    const delivery = await requireDeliveryKey(principal);
-    const { keys: delivered, missing } = await resolve(principal, items);
+    const [delivery, rows] = await Promise.all([requireDeliveryKey(principal), loadRows(items)]);
+    const { keys: delivered, missing } = await resolve(principal, items, rows);
     const count = delivered.length;
     const { jwe } = await deliver(principal, requestId, delivery, delivered, 'bulk', missing.length);
     deps.onDelivered?.('bulk', count);
@@ -118,22 +118,26 @@ export function createKeyFetchService(deps: {
     }
   }
 
-  async function resolve(principal: Principal, items: readonly FetchItem[]): Promise<Resolved> {
+  /** Every row a request may need, in two queries run side by side (devices with their versions; field versions). */
+  async function loadRows(items: readonly FetchItem[]): Promise<LoadedRows> {
     const deviceIds = [...new Set(items.map((i) => i.deviceId))];
-    const devices = new Map((await keys.findDevices(db, deviceIds)).map((d) => [d.id, d.group_id]));
-    const reachable = deviceIds.filter((id) => {
-      const groupId = devices.get(id);
-      return groupId !== undefined && canReachGroup(principal, groupId);
-    });
-    const reachableSet = new Set(reachable);
-    const fieldDevices = [...new Set(items.filter((i) => i.field !== undefined && reachableSet.has(i.deviceId)).map((i) => i.deviceId))];
-    const [deviceVersions, fieldVersions] = await Promise.all([keys.listDeviceVersions(db, reachable), keys.listFieldVersions(db, fieldDevices)]);
-    const groupIds = [...new Set(reachable.map((id) => devices.get(id) as string))];
-    const groupVersions = await keys.listGroupVersions(db, groupIds);
+    const fieldDevices = [...new Set(items.filter((i) => i.field !== undefined).map((i) => i.deviceId))];
+    const [deviceRows, fieldVersions] = await Promise.all([keys.listDevicesWithVersions(db, deviceIds), keys.listFieldVersions(db, fieldDevices)]);
+    return { deviceRows, fieldVersions };
+  }
 
-    const byDevice = groupBy(deviceVersions, (v) => v.device_id);
-    const byField = groupBy(fieldVersions, (v) => `${v.device_id}/${v.field}`);
-    const groupVersionOf = new Map(groupVersions.map((g) => [`${g.group_id}:${g.version}`, g]));
+  async function resolve(principal: Principal, items: readonly FetchItem[], rows: LoadedRows): Promise<Resolved> {
+    const devices = new Map(rows.deviceRows.map((d) => [d.device_id, d.group_id]));
+    const reachableSet = new Set([...devices].filter(([, groupId]) => canReachGroup(principal, groupId)).map(([id]) => id));
+    const byDevice = groupBy(
+      rows.deviceRows.filter((v) => reachableSet.has(v.device_id)),
+      (v) => v.device_id,
+    );
+    const byField = groupBy(
+      rows.fieldVersions.filter((v) => reachableSet.has(v.device_id)),
+      (v) => `${v.device_id}/${v.field}`,
+    );
+    const groupVersionOf = await loadGroupVersions(byDevice, devices);
 
     const out: Resolved = { keys: [], missing: [] };
     const seen = new Set<string>();
@@ -143,7 +147,7 @@ export function createKeyFetchService(deps: {
         miss('not_found');
         continue;
       }
-      const candidates = item.field === undefined ? byDevice.get(item.deviceId) ?? [] : byField.get(`${item.deviceId}/${item.field}`) ?? [];
+      const candidates: readonly VersionRow[] = item.field === undefined ? byDevice.get(item.deviceId) ?? [] : byField.get(`${item.deviceId}/${item.field}`) ?? [];
       const chosen = chooseVersions(candidates, item.version);
       if (typeof chosen === 'string') {
         miss(chosen);
@@ -177,13 +181,13 @@ export function createKeyFetchService(deps: {
     groupId: string,
     row: VersionRow,
     deviceRows: readonly keys.DeviceVersionRow[],
-    groupVersionOf: Map<string, keys.GroupVersionRow>,
+    groupVersionOf: Map<string, { wrapped_key: string | null }>,
   ): Promise<Buffer> {
     const deviceRow = 'field' in row ? deviceRows.find((d) => d.version === row.parent_version) : row;
     if (!deviceRow) throw new ConflictError(`Parent version ${row.parent_version} of a field key is missing`, 'parent_missing');
-    const groupRow = groupVersionOf.get(`${groupId}:${deviceRow.parent_version}`);
-    if (!groupRow) throw new ConflictError(`Parent group version ${deviceRow.parent_version} is missing`, 'parent_missing');
-    const groupKey = await material.groupKey(groupId, groupRow.version, groupRow.wrapped_key);
+    const groupVersion = deviceRow.parent_version;
+    const groupKey = material.cache.get('group', groupId, groupVersion) ?? (await unwrapGroup(groupId, groupVersion, groupVersionOf));
+    const groupRow = { version: groupVersion };
     try {
       const deviceKey = material.deviceKey(groupKey, groupId, groupRow.version, deviceRow.device_id, deviceRow.version, deviceRow.wrapped_key);
       if (!('field' in row)) return deviceKey;
@@ -197,7 +201,32 @@ export function createKeyFetchService(deps: {
     }
   }
 
+  /** Group DEK rows, read only for the parent versions whose unwrapped key is not cached. */
+  async function loadGroupVersions(byDevice: Map<string, keys.DeviceVersionRow[]>, devices: Map<string, string>) {
+    const needed = new Map<string, { groupId: string; version: number }>();
+    for (const [deviceId, versions] of byDevice) {
+      const groupId = devices.get(deviceId) as string;
+      for (const v of versions) {
+        const key = `${groupId}:${v.parent_version}`;
+        if (!needed.has(key) && !material.cache.has('group', groupId, v.parent_version)) needed.set(key, { groupId, version: v.parent_version });
+      }
+    }
+    const rows = await keys.listGroupVersionsByPairs(db, [...needed.values()]);
+    return new Map(rows.map((g) => [`${g.group_id}:${g.version}`, g]));
+  }
+
+  async function unwrapGroup(groupId: string, version: number, groupVersionOf: Map<string, { wrapped_key: string | null }>): Promise<Buffer> {
+    const row = groupVersionOf.get(`${groupId}:${version}`) ?? (await keys.findGroupVersion(db, groupId, version));
+    if (!row) throw new ConflictError(`Parent group version ${version} is missing`, 'parent_missing');
+    return material.groupKey(groupId, version, row.wrapped_key);
+  }
+
   return { fetchOne, fetchMany };
+}
+
+interface LoadedRows {
+  deviceRows: keys.DeviceWithVersionRow[];
+  fieldVersions: keys.FieldVersionRow[];
 }
 
 export type KeyFetchService = ReturnType<typeof createKeyFetchService>;

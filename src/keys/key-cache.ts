@@ -9,6 +9,8 @@ import { LRUCache } from 'lru-cache';
 
 export interface KeyCache {
   get(kind: 'group' | 'device', id: string, version: number): Buffer | undefined;
+  /** presence only: no copy, no hit/miss counted */
+  has(kind: 'group' | 'device', id: string, version: number): boolean;
   set(kind: 'group' | 'device', id: string, version: number, key: Buffer): void;
   invalidate(kind: 'group' | 'device', id: string, version?: number): void;
   stats(): { hits: number; misses: number; size: number };
@@ -39,6 +41,7 @@ export function createKeyCache(options: { ttlSeconds: number; maxEntries: number
       // a copy: an eviction zeroes the cached buffer, which must never hit a key in use
       return Buffer.from(value);
     },
+    has: (kind, id, version) => cache.has(entry(kind, id, version)),
     set(kind, id, version, key) {
       // the cache owns its copy: a caller zeroing its buffer must not corrupt the cache
       cache.set(entry(kind, id, version), Buffer.from(key));

@@ -535,3 +535,21 @@ describe('production: tokens verified against a JWKS URL', () => {
     await expect(broken.authenticate(`Bearer ${token}`)).rejects.toBeInstanceOf(AuthUnavailableError);
   });
 });
+
+describe('verified-token cache', () => {
+  it('when a verified token expires, then it is refused even though it was verified (and cached) before', async () => {
+    const { mkdtempSync } = await import('node:fs');
+    const { tmpdir } = await import('node:os');
+    const { join } = await import('node:path');
+    const { createAuthenticator } = await import('../../src/auth/authenticator.js');
+    const { loadOrCreateDevIssuer } = await import('../../src/auth/dev-issuer.js');
+    const dataDir = mkdtempSync(join(tmpdir(), 'ks-auth-cache-'));
+    const auth = await createAuthenticator({ jwksUrl: undefined, issuer: 'iss', audience: 'aud', clockToleranceSeconds: 0, dataDir });
+    const issuer = await loadOrCreateDevIssuer(dataDir);
+    const token = await issuer.mintToken({ sub: 'svc', scopes: ['keystrata:admin'], ttlSeconds: 1, issuer: 'iss', audience: 'aud' });
+    expect((await auth.authenticate(`Bearer ${token}`)).sub).toBe('svc');
+    expect((await auth.authenticate(`Bearer ${token}`)).sub).toBe('svc'); // served from the cache
+    await new Promise((resolve) => setTimeout(resolve, 2100));
+    await expect(auth.authenticate(`Bearer ${token}`)).rejects.toMatchObject({ reason: 'expired' });
+  });
+});
