@@ -32,6 +32,7 @@ import { keyRoutes } from './keys/key.routes.js';
 import { createDeviceLifecycleService } from './keys/device-lifecycle.service.js';
 import { lifecycleRoutes } from './keys/lifecycle.routes.js';
 import { createKeyService } from './keys/key.service.js';
+import { createRotation, lifecyclePolicyLookup, rotationRoutes } from './rotation/index.js';
 
 export interface AppDeps {
   config: Readonly<Config>;
@@ -86,7 +87,8 @@ export async function buildApp(deps: AppDeps): Promise<KeystrataApp> {
     },
   });
   const keys = createKeyService({ db: database.db, material, audit, clock });
-  const lifecycle = createDeviceLifecycleService({ db: database.db, material, audit, clock, keys });
+  const rotation = createRotation({ db: database.db, kek, material, audit, clock });
+  const lifecycle = createDeviceLifecycleService({ db: database.db, material, audit, clock, keys, policy: lifecyclePolicyLookup(rotation.policies) });
   const clients = createClientService({ db: database.db, audit, clock });
   const fetch = createKeyFetchService({
     db: database.db,
@@ -129,6 +131,7 @@ export async function buildApp(deps: AppDeps): Promise<KeystrataApp> {
   await app.register(kekRoutes, { kek });
   await app.register(keyRoutes, { keys });
   await app.register(lifecycleRoutes, { lifecycle });
+  await app.register(rotationRoutes, { rotation });
   await app.register(deliveryRoutes, { clients, fetch });
   for (const plugin of deps.plugins ?? []) await app.register(plugin);
   return app;

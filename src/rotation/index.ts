@@ -1,0 +1,66 @@
+/**
+ * The rotation module, composed once for the app (app.ts) and the CLI (`keystrata rotate`):
+ * policies, KEK rotation, group rotation, rotation debt and the cron entry.
+ */
+import type { Kysely } from 'kysely';
+import type { AuditSink } from '../audit/audit.types.js';
+import type { Clock } from '../clock.js';
+import type { DB } from '../db/database.js';
+import type { KekProvider } from '../kek/kek.types.js';
+import type { LifecyclePolicyLookup } from '../keys/device-lifecycle.service.js';
+import type { KeyMaterial } from '../keys/key-material.js';
+import { createVersionSweeps, type VersionSweeps } from '../keys/version-sweeps.js';
+import { createGroupRotationService, type GroupRotationHooks, type GroupRotationService } from './group-rotation.service.js';
+import { createKekRotationService, type KekRotationHooks, type KekRotationService } from './kek-rotation.service.js';
+import { DAY_MS } from './policy.defaults.js';
+import { createPolicyService, type PolicyService } from './policy.service.js';
+import { createRotationRunService, type DueWaves, type RotationRunService } from './rotation-run.service.js';
+import { createRotationStatusService, type RotationStatusService } from './rotation-status.service.js';
+
+export { rotationRoutes } from './rotation.routes.js';
+export type { EffectivePolicy, PolicyService } from './policy.service.js';
+export type { DueWaves } from './rotation-run.service.js';
+
+export interface Rotation {
+  policies: PolicyService;
+  kekRotation: KekRotationService;
+  groupRotation: GroupRotationService;
+  status: RotationStatusService;
+  runner: RotationRunService;
+}
+
+export interface RotationDeps {
+  db: Kysely<DB>;
+  kek: KekProvider;
+  material: KeyMaterial;
+  audit: AuditSink;
+  clock: Clock;
+  /** the grace-expiry and destruction sweeps of device and field key versions (built from the deps when left out) */
+  sweeps?: VersionSweeps | undefined;
+  /** staggered rollouts (issue 5): the cron entry runs their due waves through this hook */
+  dueWaves?: DueWaves | undefined;
+  /** items per KEK rewrap call (default 500, at least 250) */
+  kekBatchSize?: number | undefined;
+  /** device versions per child-rewrap transaction (default 500) */
+  childChunkSize?: number | undefined;
+  hooks?: (KekRotationHooks & GroupRotationHooks) | undefined;
+}
+
+export function createRotation(deps: RotationDeps): Rotation {
+  const { db, kek, material, audit, clock } = deps;
+  const policies = createPolicyService({ db, audit, clock });
+  const kekRotation = createKekRotationService({ db, kek, audit, clock, policies, batchSize: deps.kekBatchSize, hooks: deps.hooks });
+  const groupRotation = createGroupRotationService({ db, material, audit, clock, chunkSize: deps.childChunkSize, hooks: deps.hooks });
+  const status = createRotationStatusService({ db, kek, clock, policies });
+  const sweeps = deps.sweeps ?? createVersionSweeps({ db, audit, material, clock });
+  const runner = createRotationRunService({ db, audit, clock, policies, kekRotation, groupRotation, sweeps, dueWaves: deps.dueWaves });
+  return { policies, kekRotation, groupRotation, status, runner };
+}
+
+/** The device lifecycle's policy lookup (grace and destruction waiting period), from the effective policies. */
+export function lifecyclePolicyLookup(policies: Pick<PolicyService, 'effectivePolicy'>): LifecyclePolicyLookup {
+  return async ({ level, groupId }) => {
+    const policy = (await policies.effectivePolicy(groupId))[level];
+    return { gracePeriodMs: policy.gracePeriodDays * DAY_MS, destroyWaitMs: policy.destructionWaitDays * DAY_MS };
+  };
+}

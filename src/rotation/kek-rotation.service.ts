@@ -1,0 +1,391 @@
+/**
+ * KEK rotation (DESIGN §3): rotate the KEK in its provider, rewrap every stored KEK blob (group
+ * DEKs and the audit module's keys) to the latest version in batches — transit `rewrap`, so no
+ * plaintext leaves the provider — then raise `min_decryption_version` to the lowest version
+ * still referenced, once the grace period of the KEK policy has passed since that version
+ * became the latest.
+ *
+ * Resumable and idempotent: what still needs a rewrap is read from the rows themselves
+ * (`kek_version` below the latest), so a re-run, or the cron entry, finishes an interrupted
+ * rewrap. Each batch's swap commits in its own transaction with its audit events, and only if
+ * the row still holds the blob that was rewrapped. A failed item keeps its old blob (still
+ * readable: the minimum decryption version is never raised above a referenced version) and is
+ * reported. One lease keeps two runs from rotating at once; a killed run's lease expires.
+ */
+import type { Kysely } from 'kysely';
+import { auditKeyBinding } from '../audit/audit.service.js';
+import * as auditRepo from '../audit/audit.repository.js';
+import type { AuditEventInput, AuditSink } from '../audit/audit.types.js';
+import type { Clock } from '../clock.js';
+import { groupBinding } from '../crypto/binding.js';
+import type { DB, Executor } from '../db/database.js';
+import { ConflictError } from '../http/errors.js';
+import { kekBlobVersion, type KekInfo, type KekProvider } from '../kek/kek.types.js';
+import type { Actor } from '../keys/key.service.js';
+import { tryAcquireLease, type Lease } from './lease.js';
+import { addDays } from './policy.defaults.js';
+import type { PolicyService } from './policy.service.js';
+import * as repo from './rotation.repository.js';
+import { rotationDb, type RotationDB } from './rotation.tables.js';
+
+/** Items per provider rewrap call: transit batches of a few hundred spread its per-request cost (reference §14). */
+export const DEFAULT_KEK_BATCH = 500;
+export const MIN_KEK_BATCH = 250;
+export const KEK_LEASE = 'kek-rotation';
+const LEASE_MS = 10 * 60 * 1000;
+const MAX_LISTED_FAILURES = 100;
+
+export interface KekRotationOptions {
+  /** `manual`: rotate now (POST /v1/kek/rotate); `policy`: rotate only when the KEK policy says it is due (cron) */
+  mode: 'manual' | 'policy';
+  /** do not rotate, only finish the rewrap and raise the minimum decryption version */
+  rewrapOnly?: boolean | undefined;
+  dryRun?: boolean | undefined;
+  /** most blobs rewrapped in this call */
+  limit?: number | undefined;
+}
+
+export interface RewrapFailure {
+  keyId: string;
+  version: number;
+  kekVersion: number;
+  error: string;
+}
+
+export interface KekRotationSummary {
+  kekName: string;
+  provider: 'local' | 'vault';
+  dryRun: boolean;
+  /** `skipped`: another run holds the KEK rotation lease */
+  status: 'done' | 'skipped';
+  reason?: string;
+  due: boolean;
+  dueAt: string | null;
+  rotated: boolean;
+  fromVersion: number;
+  toVersion: number;
+  /** KEK versions found in the provider that keystrata had not recorded (first version, rotations made in Vault) */
+  observedVersions: number[];
+  rewrap: {
+    batches: number;
+    groupKeys: { rewrapped: number; failed: number; remaining: number };
+    auditKeys: { rewrapped: number; failed: number; remaining: number };
+    failures: RewrapFailure[];
+  };
+  minDecryptionVersion: {
+    before: number;
+    after: number;
+    raised: boolean;
+    /** lowest KEK version a stored blob is wrapped under (the latest when none is older) */
+    lowestReferenced: number;
+    blockedBy: 'up_to_date' | 'references' | 'grace' | 'failed' | null;
+    graceEndsAt: string | null;
+  };
+}
+
+export interface KekRotationHooks {
+  /** after each committed rewrap batch (tests inject failures here) */
+  afterKekBatch?(info: { batch: number; rewrapped: number }): void | Promise<void>;
+}
+
+export interface KekRotationService {
+  run(who: Actor, options: KekRotationOptions): Promise<KekRotationSummary>;
+  /** When the latest version became the latest, and when the policy makes the next rotation due. */
+  schedule(): Promise<{ latestVersion: number; latestSince: Date; dueAt: Date }>;
+}
+
+export function createKekRotationService(deps: {
+  db: Kysely<DB>;
+  kek: KekProvider;
+  audit: AuditSink;
+  clock: Clock;
+  policies: Pick<PolicyService, 'effectivePolicy'>;
+  batchSize?: number | undefined;
+  hooks?: KekRotationHooks | undefined;
+}): KekRotationService {
+  const { kek, audit, clock, policies } = deps;
+  const batchSize = deps.batchSize ?? DEFAULT_KEK_BATCH;
+  if (!Number.isInteger(batchSize) || batchSize < MIN_KEK_BATCH) throw new Error(`The KEK rewrap batch must be at least ${MIN_KEK_BATCH} items`);
+  let handle: Kysely<RotationDB> | undefined;
+  const db = () => (handle ??= rotationDb(deps.db));
+  const ex = (trx: unknown) => trx as Executor;
+  const event = (who: Actor, e: Omit<AuditEventInput, 'actor' | 'requestId'>): AuditEventInput => ({ ...e, actor: who.actor, requestId: who.requestId });
+  const kekKeyId = () => `kek:${kek.keyName}`;
+
+  /** When each KEK version became the latest; versions the provider has and we never recorded are recorded now (unless dry run). */
+  async function seenVersions(who: Actor, info: KekInfo, dryRun: boolean): Promise<{ seen: Map<number, Date>; observed: number[] }> {
+    const now = clock.now();
+    const rows = await repo.listKekVersions(db(), kek.keyName);
+    const seen = new Map(rows.map((r) => [r.version, r.became_latest_at]));
+    const missing = info.versions.filter((v) => !seen.has(v.version) && v.version <= info.latestVersion);
+    if (!seen.has(info.latestVersion) && !missing.some((v) => v.version === info.latestVersion)) {
+      missing.push({ version: info.latestVersion, createdAt: now.toISOString() });
+    }
+    const observed: number[] = [];
+    for (const v of missing) {
+      const created = new Date(v.createdAt);
+      // the provider's clock is not ours: never record a time in our future
+      const at = Number.isNaN(created.getTime()) || created.getTime() <= 0 || created > now ? now : created;
+      seen.set(v.version, at);
+      observed.push(v.version);
+    }
+    if (!dryRun && missing.length > 0) {
+      await db()
+        .transaction()
+        .execute(async (trx) => {
+          const recorded: number[] = [];
+          for (const version of observed) {
+            if (await repo.insertKekVersion(trx, { kek_name: kek.keyName, version, became_latest_at: seen.get(version) ?? now, source: 'observed' })) recorded.push(version);
+          }
+          if (recorded.length > 0) {
+            await audit.record(ex(trx), [event(who, { action: 'kek.version_observed', outcome: 'success', keyId: kekKeyId(), details: { versions: recorded, latestVersion: info.latestVersion } })]);
+          }
+        });
+    }
+    return { seen, observed: observed.sort((a, b) => a - b) };
+  }
+
+  async function schedule(): Promise<{ latestVersion: number; latestSince: Date; dueAt: Date }> {
+    const [info, policy] = await Promise.all([kek.info(), policies.effectivePolicy()]);
+    const rows = await repo.listKekVersions(db(), kek.keyName);
+    const since = rows.find((r) => r.version === info.latestVersion)?.became_latest_at ?? new Date(info.versions.find((v) => v.version === info.latestVersion)?.createdAt ?? clock.now());
+    return { latestVersion: info.latestVersion, latestSince: since, dueAt: addDays(since, policy.kek.rotationPeriodDays) };
+  }
+
+  async function run(who: Actor, options: KekRotationOptions): Promise<KekRotationSummary> {
+    const dryRun = options.dryRun === true;
+    const limit = options.limit ?? Number.MAX_SAFE_INTEGER;
+    let lease: Lease | undefined;
+    if (!dryRun) {
+      lease = await tryAcquireLease(db(), clock, KEK_LEASE, LEASE_MS);
+      if (!lease) {
+        if (options.mode === 'manual') throw new ConflictError('Another KEK rotation or rewrap is running; retry when it has finished', 'rotation_in_progress');
+      }
+    }
+    const info = await kek.info();
+    const policy = (await policies.effectivePolicy()).kek;
+    const summary: KekRotationSummary = {
+      kekName: kek.keyName,
+      provider: kek.kind,
+      dryRun,
+      status: 'done',
+      due: false,
+      dueAt: null,
+      rotated: false,
+      fromVersion: info.latestVersion,
+      toVersion: info.latestVersion,
+      observedVersions: [],
+      rewrap: { batches: 0, groupKeys: { rewrapped: 0, failed: 0, remaining: 0 }, auditKeys: { rewrapped: 0, failed: 0, remaining: 0 }, failures: [] },
+      minDecryptionVersion: { before: info.minDecryptionVersion, after: info.minDecryptionVersion, raised: false, lowestReferenced: info.latestVersion, blockedBy: null, graceEndsAt: null },
+    };
+    if (!dryRun && !lease) {
+      summary.status = 'skipped';
+      summary.reason = 'another run holds the KEK rotation lease';
+      return summary;
+    }
+    try {
+      const { seen, observed } = await seenVersions(who, info, dryRun);
+      summary.observedVersions = observed;
+      const now = clock.now();
+      const dueAt = addDays(seen.get(info.latestVersion) ?? now, policy.rotationPeriodDays);
+      summary.dueAt = dueAt.toISOString();
+      summary.due = now >= dueAt;
+      const rotate = options.mode === 'manual' ? options.rewrapOnly !== true : summary.due;
+
+      let target = info.latestVersion;
+      if (rotate) {
+        if (dryRun) target = info.latestVersion + 1;
+        else {
+          target = await rotateProvider(who, info, options.mode);
+          seen.set(target, clock.now());
+        }
+        summary.rotated = true;
+        summary.toVersion = target;
+      }
+
+      await rewrapAll(who, target, limit, dryRun, summary, lease);
+      await raiseMinimum(who, info, target, seen, policy.gracePeriodDays, dryRun, summary);
+      return summary;
+    } finally {
+      await lease?.release().catch(() => {});
+    }
+  }
+
+  async function rotateProvider(who: Actor, before: KekInfo, mode: 'manual' | 'policy'): Promise<number> {
+    let after: KekInfo;
+    try {
+      after = await kek.rotate();
+    } catch (error) {
+      await recordFailure(who, 'kek.rotate', { fromVersion: before.latestVersion, reason: mode, error: errorText(error) });
+      throw error;
+    }
+    const now = clock.now();
+    await db()
+      .transaction()
+      .execute(async (trx) => {
+        await repo.insertKekVersion(trx, { kek_name: kek.keyName, version: after.latestVersion, became_latest_at: now, source: 'rotated' });
+        await audit.record(ex(trx), [
+          event(who, { action: 'kek.rotate', outcome: 'success', keyId: kekKeyId(), details: { fromVersion: before.latestVersion, toVersion: after.latestVersion, provider: kek.kind, reason: mode } }),
+        ]);
+      });
+    return after.latestVersion;
+  }
+
+  async function rewrapAll(who: Actor, target: number, limit: number, dryRun: boolean, summary: KekRotationSummary, lease: Lease | undefined): Promise<void> {
+    const auditKeys = (await auditRepo.listKeys(deps.db)).filter((k) => k.kekVersion < target);
+    if (dryRun) {
+      const below = await repo.countGroupBlobsBelow(db(), target);
+      const rewrapped = Math.min(below, limit);
+      summary.rewrap.groupKeys = { rewrapped, failed: 0, remaining: below - rewrapped };
+      summary.rewrap.batches = Math.ceil(rewrapped / batchSize);
+      summary.rewrap.auditKeys = { rewrapped: auditKeys.length, failed: 0, remaining: 0 };
+      return;
+    }
+
+    // the audit keys first: few, and the chain cannot be verified if they become unreadable
+    if (auditKeys.length > 0) {
+      const results = await kek.rewrapBatch(auditKeys.map((k) => ({ blob: k.wrappedKey, context: auditKeyBinding(k.purpose, k.version, kek.keyName) })));
+      const events: AuditEventInput[] = [];
+      await db()
+        .transaction()
+        .execute(async (trx) => {
+          for (const [i, k] of auditKeys.entries()) {
+            const result = checked(results[i], target);
+            const keyId = `audit-key:${k.purpose}`;
+            if (!result.ok) {
+              summary.rewrap.auditKeys.failed += 1;
+              addFailure(summary, { keyId, version: k.version, kekVersion: k.kekVersion, error: result.error });
+              events.push(event(who, { action: 'audit_key.kek_rewrap', outcome: 'failure', keyId, details: { version: k.version, fromKekVersion: k.kekVersion, error: result.error } }));
+              continue;
+            }
+            const newVersion = kekBlobVersion(result.blob);
+            if (await auditRepo.replaceKeyBlob(ex(trx), { purpose: k.purpose, version: k.version, oldWrappedKey: k.wrappedKey, wrappedKey: result.blob, kekVersion: newVersion })) {
+              summary.rewrap.auditKeys.rewrapped += 1;
+              events.push(event(who, { action: 'audit_key.kek_rewrap', outcome: 'success', keyId, details: { version: k.version, fromKekVersion: k.kekVersion, toKekVersion: newVersion } }));
+            }
+          }
+          if (events.length > 0) await audit.record(ex(trx), events);
+        });
+      summary.rewrap.batches += 1;
+    }
+
+    let after: { groupId: string; version: number } | undefined;
+    let budget = limit;
+    while (budget > 0) {
+      const rows = await repo.groupBlobsBelow(db(), target, after, Math.min(batchSize, budget));
+      const last = rows.at(-1);
+      if (!last) break;
+      after = { groupId: last.group_id, version: last.version };
+      budget -= rows.length;
+      const results = await kek.rewrapBatch(rows.map((r) => ({ blob: r.wrapped_key, context: groupBinding(r.group_id, r.version, kek.keyName) })));
+      if (results.length !== rows.length) throw new Error('The KEK provider answered a rewrap batch with the wrong number of results');
+      const swaps: Array<{ groupId: string; version: number; oldBlob: string; newBlob: string; kekVersion: number; from: number }> = [];
+      const events: AuditEventInput[] = [];
+      for (const [i, row] of rows.entries()) {
+        const result = checked(results[i], target);
+        const keyId = `group:${row.group_id}`;
+        if (result.ok) {
+          swaps.push({ groupId: row.group_id, version: row.version, oldBlob: row.wrapped_key, newBlob: result.blob, kekVersion: kekBlobVersion(result.blob), from: row.kek_version });
+        } else {
+          summary.rewrap.groupKeys.failed += 1;
+          addFailure(summary, { keyId, version: row.version, kekVersion: row.kek_version, error: result.error });
+          events.push(event(who, { action: 'group.kek_rewrap', outcome: 'failure', keyId, details: { version: row.version, fromKekVersion: row.kek_version, error: result.error } }));
+        }
+      }
+      await db()
+        .transaction()
+        .execute(async (trx) => {
+          const updated = new Set((await repo.replaceGroupBlobs(trx, swaps)).map((r) => `${r.group_id}\u0000${r.version}`));
+          for (const s of swaps) {
+            if (!updated.has(`${s.groupId}\u0000${s.version}`)) continue; // changed meanwhile (rewrapped by another run, destroyed)
+            summary.rewrap.groupKeys.rewrapped += 1;
+            events.push(event(who, { action: 'group.kek_rewrap', outcome: 'success', keyId: `group:${s.groupId}`, details: { version: s.version, fromKekVersion: s.from, toKekVersion: s.kekVersion } }));
+          }
+          if (events.length > 0) await audit.record(ex(trx), events);
+        });
+      summary.rewrap.batches += 1;
+      await lease?.renew();
+      await deps.hooks?.afterKekBatch?.({ batch: summary.rewrap.batches, rewrapped: summary.rewrap.groupKeys.rewrapped });
+    }
+    summary.rewrap.groupKeys.remaining = await repo.countGroupBlobsBelow(db(), target);
+    summary.rewrap.auditKeys.remaining = (await auditRepo.listKeys(deps.db)).filter((k) => k.kekVersion < target).length;
+  }
+
+  async function raiseMinimum(who: Actor, info: KekInfo, target: number, seen: Map<number, Date>, graceDays: number, dryRun: boolean, summary: KekRotationSummary): Promise<void> {
+    const min = summary.minDecryptionVersion;
+    // what is referenced now (dry run: what would be, once the rewrap it reports is done)
+    let lowest = target;
+    if (dryRun) {
+      if (summary.rewrap.groupKeys.remaining > 0) lowest = Math.min(lowest, (await repo.lowestGroupKekVersion(db())) ?? target);
+    } else {
+      const group = await repo.lowestGroupKekVersion(db());
+      const auditVersions = (await auditRepo.listKeys(deps.db)).map((k) => k.kekVersion);
+      lowest = Math.min(target, group ?? target, ...auditVersions);
+    }
+    min.lowestReferenced = lowest;
+    if (lowest <= info.minDecryptionVersion) {
+      min.blockedBy = lowest < target ? 'references' : 'up_to_date';
+      return;
+    }
+    // the grace runs from the moment `lowest` became the latest, i.e. when the versions below it stopped encrypting
+    const since = seen.get(lowest) ?? clock.now();
+    const graceEnds = addDays(since, graceDays);
+    min.graceEndsAt = graceEnds.toISOString();
+    if (clock.now() < graceEnds) {
+      min.blockedBy = 'grace';
+      return;
+    }
+    if (dryRun) {
+      min.after = lowest;
+      min.raised = true;
+      return;
+    }
+    try {
+      await kek.setMinDecryptionVersion(lowest);
+    } catch (error) {
+      min.blockedBy = 'failed';
+      await recordFailure(who, 'kek.min_decryption_version', { from: info.minDecryptionVersion, to: lowest, error: errorText(error) });
+      throw error;
+    }
+    await db()
+      .transaction()
+      .execute(async (trx) => {
+        await audit.record(ex(trx), [
+          event(who, { action: 'kek.min_decryption_version', outcome: 'success', keyId: kekKeyId(), details: { from: info.minDecryptionVersion, to: lowest, latestVersion: target } }),
+        ]);
+      });
+    min.after = lowest;
+    min.raised = true;
+  }
+
+  async function recordFailure(who: Actor, action: string, details: Record<string, unknown>): Promise<void> {
+    await db()
+      .transaction()
+      .execute(async (trx) => audit.record(ex(trx), [event(who, { action, outcome: 'failure', keyId: kekKeyId(), details })]))
+      .catch(() => {}); // the provider failure is what the caller must see
+  }
+
+  return { run, schedule };
+}
+
+/** A rewrap result must be a blob of at least the target version (a concurrent rotation may make it newer). */
+function checked(result: { ok: true; blob: string } | { ok: false; error: string } | undefined, target: number): { ok: true; blob: string } | { ok: false; error: string } {
+  if (!result) return { ok: false, error: 'no result for this item' };
+  if (!result.ok) return { ok: false, error: result.error.slice(0, 300) };
+  let version: number;
+  try {
+    version = kekBlobVersion(result.blob);
+  } catch {
+    return { ok: false, error: 'the provider returned something that is not a KEK blob' };
+  }
+  if (version < target) return { ok: false, error: `the provider rewrapped to KEK version ${version}, below ${target}` };
+  return result;
+}
+
+function addFailure(summary: KekRotationSummary, failure: RewrapFailure): void {
+  if (summary.rewrap.failures.length < MAX_LISTED_FAILURES) summary.rewrap.failures.push(failure);
+}
+
+function errorText(error: unknown): string {
+  return error instanceof Error ? error.message.slice(0, 300) : 'unknown error';
+}
