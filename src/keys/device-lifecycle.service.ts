@@ -29,6 +29,7 @@ import * as keyRepo from './key.repository.js';
 import type { Actor, DeviceView, KeyService } from './key.service.js';
 import { assertTransition, LIVE_STATES } from './lifecycle.js';
 import * as repo from './lifecycle.repository.js';
+import { enqueueKeyUpdate } from '../distribution/outbox.js'; // issue 6: key updates to devices (outbox, same transaction)
 
 const DAY_MS = 24 * 60 * 60 * 1000;
 
@@ -279,6 +280,8 @@ export function createDeviceLifecycleService(deps: {
     };
     await repo.insertDeviceVersion(trx, row);
     versions.push(row);
+    await enqueueKeyUpdate(trx, { deviceId: device.id, kind: 'device', version, state: 'primary' }); // issue 6: the new key to the device
+    if (old && oldTo === 'disabled') await enqueueKeyUpdate(trx, { deviceId: device.id, kind: 'device', version: old.version, state: 'disabled' }); // issue 6
 
     const fieldEvents = await rewrapFieldsUnder(trx, ring, who, locked, version, key);
     const rewrapped = fieldEvents.reduce((n, e) => n + ((e.details?.versions as number[] | undefined)?.length ?? 0), 0);
@@ -346,6 +349,8 @@ export function createDeviceLifecycleService(deps: {
     };
     await repo.insertFieldVersion(trx, row);
     fields.push(row);
+    await enqueueKeyUpdate(trx, { deviceId: device.id, kind: 'field', field, version, state: 'primary' }); // issue 6: the new key to the device
+    if (old && oldTo === 'disabled') await enqueueKeyUpdate(trx, { deviceId: device.id, kind: 'field', field, version: old.version, state: 'disabled' }); // issue 6
     await audit.record(trx, [
       event(who, {
         action: 'field_key.rotate',
@@ -594,6 +599,7 @@ export function createDeviceLifecycleService(deps: {
     assertDisableable(what, row.state);
     if (row.state !== 'primary') {
       await repo.updateDeviceVersion(trx, device.id, version, row.state, { state: 'disabled', state_changed_at: o.now, state_until: null });
+      await enqueueKeyUpdate(trx, { deviceId: device.id, kind: 'device', version, state: 'disabled' }); // issue 6
       await audit.record(trx, [disabledEvent(who, `device:${device.id}`, version, row.state, {})]);
       return;
     }
@@ -607,6 +613,8 @@ export function createDeviceLifecycleService(deps: {
       successor.state = 'primary';
       // nothing stays wrapped under the revoked version
       const fieldEvents = await rewrapFieldsUnder(trx, ring, who, locked, successor.version, ring.device(successor));
+      await enqueueKeyUpdate(trx, { deviceId: device.id, kind: 'device', version: successor.version, state: 'primary' }); // issue 6: rollback to the previous key
+      await enqueueKeyUpdate(trx, { deviceId: device.id, kind: 'device', version, state: 'disabled' }); // issue 6
       await audit.record(trx, [disabledEvent(who, `device:${device.id}`, version, 'primary', { promotedVersion: successor.version }), ...fieldEvents]);
       return;
     }
@@ -625,6 +633,7 @@ export function createDeviceLifecycleService(deps: {
     const keyId = `field:${fieldKeyId(device.id, field)}`;
     if (row.state !== 'primary') {
       await repo.updateFieldVersion(trx, device.id, field, version, row.state, { state: 'disabled', state_changed_at: o.now, state_until: null });
+      await enqueueKeyUpdate(trx, { deviceId: device.id, kind: 'field', field, version, state: 'disabled' }); // issue 6
       await audit.record(trx, [disabledEvent(who, keyId, version, row.state, {})]);
       return;
     }
@@ -634,6 +643,8 @@ export function createDeviceLifecycleService(deps: {
       assertTransition(`Field key ${field} v${successor.version} of device ${device.id}`, 'grace', 'primary');
       await repo.updateFieldVersion(trx, device.id, field, version, 'primary', { state: 'disabled', state_changed_at: o.now, state_until: null });
       await repo.updateFieldVersion(trx, device.id, field, successor.version, 'grace', { state: 'primary', state_changed_at: o.now, state_until: null });
+      await enqueueKeyUpdate(trx, { deviceId: device.id, kind: 'field', field, version: successor.version, state: 'primary' }); // issue 6: rollback to the previous key
+      await enqueueKeyUpdate(trx, { deviceId: device.id, kind: 'field', field, version, state: 'disabled' }); // issue 6
       await audit.record(trx, [disabledEvent(who, keyId, version, 'primary', { promotedVersion: successor.version })]);
       return;
     }
@@ -698,7 +709,7 @@ function primaryRequired(what: string, hint: string): ConflictError {
 }
 
 function assertGracePeriod(ms: number): void {
-  if (!Number.isFinite(ms) || ms < 0 || ms > 366 * DAY_MS) throw new BadRequestError('The grace period must be between 0 and 366 days', { field: 'gracePeriodMs' });
+  if (!Number.isFinite(ms) || ms < 0 || ms > 3650 * DAY_MS) throw new BadRequestError('The grace period must be between 0 and 3650 days', { field: 'gracePeriodMs' });
 }
 
 function groupByField<T extends { field?: string | undefined }>(rows: readonly T[]): Map<string, T[]> {
