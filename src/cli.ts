@@ -9,6 +9,7 @@ import { ConfigError, loadConfig, SETTINGS } from './config.js';
 import { migrateToLatest } from './db/migrator.js';
 import { createLogger } from './logger.js';
 import { createRuntime, openDatabase } from './runtime.js';
+import { ROTATE_USAGE, rotateCommand } from './rotation/rotation.cli.js';
 
 const USAGE = `Usage: keystrata <command>
 
@@ -17,6 +18,7 @@ Commands:
   token --scope S [--scope S2] [--groups a,b] [--sub ID] [--ttl 1h]
                                print a development token (embedded default only)
   audit verify [--from N]      verify the audit hash chain (exit 1 when broken)
+${ROTATE_USAGE}
 
 Scopes: keystrata:admin, keystrata:keys:read, keystrata:rotate, keystrata:audit:read
 Settings come from the environment:
@@ -89,6 +91,8 @@ async function main(argv: string[]): Promise<number> {
         await runtime.close();
       }
     }
+    case 'rotate':
+      return rotateCommand(argv.slice(1), () => createRuntime(config, logger), process.stdout, process.stderr);
     default:
       process.stderr.write(`keystrata: unknown command "${command}"\n\n${USAGE}`);
       return 2;

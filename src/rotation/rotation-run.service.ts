@@ -129,10 +129,16 @@ export function createRotationRunService(deps: {
           // One pass moves every child not under the primary: after a start, all of them (old
           // debt included) go straight to the new version. Unfinished rewraps continue at any
           // time, windows or not: they only shorten the life of old versions.
-          const moved = dryRun && rotated ? await wouldMoveAll(groupId, Math.max(budget, 0)) : await deps.groupRotation.rewrapChildren(who, groupId, { limit: Math.max(budget, 0), dryRun });
-          budget -= moved.rewrapped + moved.failed;
-          addChildren(summary, groupId, moved);
-          summary.groups.retired.push(...(await deps.groupRotation.retire(who, groupId, policy, { dryRun })));
+          // children can only be under versions with material: a group with one such version has no debt
+          const own = versions.filter((v) => v.group_id === groupId);
+          if (rotated || own.filter((v) => v.has_material).length > 1) {
+            const moved = dryRun && rotated ? await wouldMoveAll(groupId, Math.max(budget, 0)) : await deps.groupRotation.rewrapChildren(who, groupId, { limit: Math.max(budget, 0), dryRun });
+            budget -= moved.rewrapped + moved.failed;
+            addChildren(summary, groupId, moved);
+          }
+          if (own.some((v) => v.state === 'decrypt_only' || v.state === 'destroy_scheduled')) {
+            summary.groups.retired.push(...(await deps.groupRotation.retire(who, groupId, policy, { dryRun })));
+          }
         } catch (error) {
           fail('group', error, groupId);
         }
