@@ -4,6 +4,7 @@
  * them all in one go.
  */
 import path from 'node:path';
+import { loadMqttConfig, MQTT_SETTINGS, type MqttConfig } from './distribution/mqtt.config.js';
 
 export interface Config {
   port: number;
@@ -32,6 +33,8 @@ export interface Config {
   };
   keyCache: { ttlSeconds: number; maxEntries: number };
   bodyLimitBytes: number;
+  /** MQTT key distribution (distribution/mqtt.config.ts); undefined: publisher off, outbox waits */
+  mqtt: MqttConfig | undefined;
 }
 
 export class ConfigError extends Error {
@@ -64,6 +67,7 @@ export const SETTINGS: ReadonlyArray<{ name: string; default: string; meaning: s
   { name: 'KEY_CACHE_TTL_SECONDS', default: '3600', meaning: 'how long unwrapped parent keys stay in memory' },
   { name: 'KEY_CACHE_MAX_ENTRIES', default: '100000', meaning: 'size bound of the unwrapped parent key cache' },
   { name: 'BODY_LIMIT_BYTES', default: '1048576', meaning: 'largest accepted request body' },
+  ...MQTT_SETTINGS,
 ];
 
 type Env = Record<string, string | undefined>;
@@ -158,6 +162,7 @@ export function loadConfig(env: Env = process.env): Readonly<Config> {
       maxEntries: int('KEY_CACHE_MAX_ENTRIES', 100_000, 1, 10_000_000),
     },
     bodyLimitBytes: int('BODY_LIMIT_BYTES', 1_048_576, 1024, 64 * 1_048_576),
+    mqtt: loadMqttConfig({ read, int, bool, problems }),
   };
   if (jwksUrl !== undefined && read('AUTH_ISSUER') === undefined) problems.push('AUTH_ISSUER is required when AUTH_JWKS_URL is set');
   // Whoever can tamper with the JWKS fetch can mint admin tokens: plain http only on loopback.

@@ -11,6 +11,7 @@ import { BadRequestError, ConflictError, NotFoundError } from '../http/errors.js
 import { decodeCursor, encodeCursor } from '../http/schemas.js';
 import type { KeyMaterial } from './key-material.js';
 import * as repo from './key.repository.js';
+import { enqueueKeyUpdate } from '../distribution/outbox.js'; // issue 6: key updates to devices (outbox, same transaction)
 
 export interface Actor {
   actor: string;
@@ -176,6 +177,7 @@ export function createKeyService(deps: { db: Kysely<DB>; material: KeyMaterial; 
         state_changed_at: now,
         state_until: null,
       });
+      await enqueueKeyUpdate(trx, { deviceId, kind: 'field', field, version: 1, state: 'primary' }); // issue 6: the new field key to the device
       await audit.record(trx, [event(who, { action: 'field_key.create', outcome: 'success', keyId: `field:${deviceId}/${field}`, details: { version: 1, deviceVersion: deviceVersion.version } })]);
     });
     const versions = await repo.listFieldVersions(db, [deviceId], field);
