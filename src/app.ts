@@ -4,6 +4,7 @@
  */
 import crypto from 'node:crypto';
 import type { IncomingMessage, Server, ServerResponse } from 'node:http';
+import type { ServerOptions as HttpsOptions } from 'node:https';
 import Fastify, { type FastifyBaseLogger, type FastifyInstance } from 'fastify';
 import type { TypeBoxTypeProvider } from '@fastify/type-provider-typebox';
 import type { Logger } from 'pino';
@@ -15,8 +16,6 @@ import type { Config } from './config.js';
 import type { Database } from './db/database.js';
 import { createClientService } from './delivery/client.service.js';
 import { deliveryRoutes } from './delivery/delivery.routes.js';
-import { createDistribution } from './distribution/distribution.service.js';
-import { distributionRoutes } from './distribution/distribution.routes.js';
 import { createKeyFetchService } from './delivery/key-fetch.service.js';
 import { ForbiddenError } from './http/errors.js';
 import { registerErrorHandling } from './http/error-handler.js';
@@ -25,6 +24,9 @@ import { createMetrics, registerMetrics } from './http/metrics.js';
 import { Problem } from './http/schemas.js';
 import { registerSwagger } from './http/swagger.js';
 import { registerValidation } from './http/validation.js';
+import { registerIdempotency } from './http/idempotency.js';
+import { registerRateLimits } from './http/rate-limit.js';
+import { registerRouteTable } from './http/route-table.js';
 import './http/request-context.js';
 import { kekRoutes } from './kek/kek.routes.js';
 import type { KekProvider } from './kek/kek.types.js';
@@ -44,6 +46,8 @@ export interface AppDeps {
   authenticator: Authenticator;
   clock: Clock;
   logger: Logger;
+  /** serve HTTPS with these (http/tls.ts builds them from the TLS_* settings); Fastify takes them at construction */
+  https?: HttpsOptions;
   /** extra route plugins (e.g. audit routes), registered after the core routes */
   plugins?: ReadonlyArray<(app: KeystrataApp) => Promise<void>>;
 }
@@ -64,11 +68,18 @@ export async function buildApp(deps: AppDeps): Promise<KeystrataApp> {
     },
     requestIdHeader: false,
     routerOptions: { maxParamLength: 200 },
+    trustProxy: config.trustProxy,
+    // (typed as the plain-HTTP app: routes and hooks do not depend on the transport)
+    ...((deps.https ? { https: deps.https } : {}) as object),
   }).withTypeProvider<TypeBoxTypeProvider>();
 
   app.addSchema(Problem);
   registerValidation(app);
   registerErrorHandling(app);
+  // before any route and before the auth hook: they apply to every route, present and future
+  registerRouteTable(app);
+  await registerRateLimits(app, config.rateLimit);
+  registerIdempotency(app, { db: database.db, clock, ttlSeconds: config.idempotencyTtlSeconds, logger: app.log });
   await registerSwagger(app);
   app.addHook('onSend', async (request, reply) => {
     reply.header('x-request-id', request.id);
@@ -102,14 +113,6 @@ export async function buildApp(deps: AppDeps): Promise<KeystrataApp> {
       metrics.deliveredKeys.inc(keyCount);
     },
   });
-  // key distribution (distribution/): outbox metrics always; the MQTT publisher only with MQTT_URL,
-  // started once the app is ready and stopped (in-flight rows handed back) when it closes
-  const distribution = createDistribution({ db: database.db, material, audit, clock, logger: deps.logger, registry: metrics.registry, mqtt: config.mqtt });
-  const publisher = distribution.publisher;
-  if (publisher) {
-    app.addHook('onReady', async () => publisher.start());
-    app.addHook('onClose', async () => publisher.stop());
-  }
 
   // Deny by default: a route must say it is public or name the scope it needs.
   app.addHook('onRequest', async (request) => {
@@ -143,7 +146,6 @@ export async function buildApp(deps: AppDeps): Promise<KeystrataApp> {
   await app.register(lifecycleRoutes, { lifecycle });
   await app.register(rotationRoutes, { rotation });
   await app.register(deliveryRoutes, { clients, fetch });
-  await app.register(distributionRoutes, { distribution });
   for (const plugin of deps.plugins ?? []) await app.register(plugin);
   return app;
 }

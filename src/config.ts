@@ -3,8 +3,8 @@
  * secrets) defaulted; `loadConfig` collects every problem before failing so an operator fixes
  * them all in one go.
  */
+import net from 'node:net';
 import path from 'node:path';
-import { loadMqttConfig, MQTT_SETTINGS, type MqttConfig } from './distribution/mqtt.config.js';
 
 export interface Config {
   port: number;
@@ -33,8 +33,14 @@ export interface Config {
   };
   keyCache: { ttlSeconds: number; maxEntries: number };
   bodyLimitBytes: number;
-  /** MQTT key distribution (distribution/mqtt.config.ts); undefined: publisher off, outbox waits */
-  mqtt: MqttConfig | undefined;
+  /** per-IP (unauthenticated) and per-client (token `sub`) request budgets; see http/rate-limit.ts */
+  rateLimit: { enabled: boolean; windowSeconds: number; perIpMax: number; perClientMax: number };
+  /** Fastify `trustProxy`: false, true, or the proxies' addresses/CIDRs */
+  trustProxy: boolean | string[];
+  /** how long a stored Idempotency-Key answer is replayed; see http/idempotency.ts */
+  idempotencyTtlSeconds: number;
+  /** HTTPS (and optional mTLS) when a certificate is configured; see http/tls.ts */
+  tls: { certFile: string; keyFile: string; clientCaFile: string | undefined; requireClientCert: boolean } | undefined;
 }
 
 export class ConfigError extends Error {
@@ -67,7 +73,16 @@ export const SETTINGS: ReadonlyArray<{ name: string; default: string; meaning: s
   { name: 'KEY_CACHE_TTL_SECONDS', default: '3600', meaning: 'how long unwrapped parent keys stay in memory' },
   { name: 'KEY_CACHE_MAX_ENTRIES', default: '100000', meaning: 'size bound of the unwrapped parent key cache' },
   { name: 'BODY_LIMIT_BYTES', default: '1048576', meaning: 'largest accepted request body' },
-  ...MQTT_SETTINGS,
+  { name: 'RATE_LIMIT_ENABLED', default: 'true', meaning: 'answer 429 beyond the per-IP and per-client budgets (in memory: each replica counts on its own)' },
+  { name: 'RATE_LIMIT_WINDOW_SECONDS', default: '60', meaning: 'length of one rate-limit window' },
+  { name: 'RATE_LIMIT_PER_IP_MAX', default: '600', meaning: 'requests per window per client IP without a valid token (anonymous, failed authentication, unknown routes, /docs)' },
+  { name: 'RATE_LIMIT_PER_CLIENT_MAX', default: '6000', meaning: 'requests per window per authenticated client (token `sub`)' },
+  { name: 'TRUST_PROXY', default: 'false', meaning: 'take the client IP from X-Forwarded-For when the peer is one of these comma-separated proxy addresses/CIDRs (or true: any peer)' },
+  { name: 'IDEMPOTENCY_TTL_SECONDS', default: '86400', meaning: 'how long the answer to a POST with an Idempotency-Key is replayed' },
+  { name: 'TLS_CERT_FILE', default: 'unset → plain HTTP', meaning: 'PEM certificate chain: serve HTTPS (TLS 1.2+, AEAD suites only)' },
+  { name: 'TLS_KEY_FILE', default: '(required with TLS_CERT_FILE)', meaning: 'PEM private key of the certificate' },
+  { name: 'TLS_CLIENT_CA_FILE', default: 'unset', meaning: 'PEM CA bundle that client certificates (mTLS) are verified against' },
+  { name: 'TLS_REQUIRE_CLIENT_CERT', default: 'false', meaning: 'refuse TLS connections without a client certificate from TLS_CLIENT_CA_FILE' },
 ];
 
 type Env = Record<string, string | undefined>;
@@ -162,8 +177,24 @@ export function loadConfig(env: Env = process.env): Readonly<Config> {
       maxEntries: int('KEY_CACHE_MAX_ENTRIES', 100_000, 1, 10_000_000),
     },
     bodyLimitBytes: int('BODY_LIMIT_BYTES', 1_048_576, 1024, 64 * 1_048_576),
-    mqtt: loadMqttConfig({ read, int, bool, problems }),
+    rateLimit: {
+      enabled: bool('RATE_LIMIT_ENABLED', true),
+      windowSeconds: int('RATE_LIMIT_WINDOW_SECONDS', 60, 1, 86_400),
+      perIpMax: int('RATE_LIMIT_PER_IP_MAX', 600, 1, 10_000_000),
+      perClientMax: int('RATE_LIMIT_PER_CLIENT_MAX', 6000, 1, 10_000_000),
+    },
+    trustProxy: trustProxy(read('TRUST_PROXY'), problems),
+    idempotencyTtlSeconds: int('IDEMPOTENCY_TTL_SECONDS', 86_400, 60, 30 * 86_400),
+    tls: undefined,
   };
+  const certFile = read('TLS_CERT_FILE');
+  const keyFile = read('TLS_KEY_FILE');
+  const clientCaFile = read('TLS_CLIENT_CA_FILE');
+  const requireClientCert = bool('TLS_REQUIRE_CLIENT_CERT', false);
+  if ((certFile === undefined) !== (keyFile === undefined)) problems.push('TLS_CERT_FILE and TLS_KEY_FILE must be set together');
+  if (certFile === undefined && (clientCaFile !== undefined || requireClientCert)) problems.push('TLS_CLIENT_CA_FILE and TLS_REQUIRE_CLIENT_CERT need TLS_CERT_FILE and TLS_KEY_FILE');
+  if (requireClientCert && clientCaFile === undefined) problems.push('TLS_REQUIRE_CLIENT_CERT needs TLS_CLIENT_CA_FILE');
+  if (certFile !== undefined && keyFile !== undefined) config.tls = { certFile: path.resolve(certFile), keyFile: path.resolve(keyFile), clientCaFile: clientCaFile && path.resolve(clientCaFile), requireClientCert };
   if (jwksUrl !== undefined && read('AUTH_ISSUER') === undefined) problems.push('AUTH_ISSUER is required when AUTH_JWKS_URL is set');
   // Whoever can tamper with the JWKS fetch can mint admin tokens: plain http only on loopback.
   if (jwksUrl !== undefined && new URL(jwksUrl).protocol === 'http:' && !['127.0.0.1', 'localhost', '[::1]'].includes(new URL(jwksUrl).hostname)) {
@@ -171,4 +202,24 @@ export function loadConfig(env: Env = process.env): Readonly<Config> {
   }
   if (problems.length > 0) throw new ConfigError(problems);
   return Object.freeze(config);
+}
+
+/**
+ * TRUST_PROXY: unset/false, true (any peer: only behind a proxy that overwrites X-Forwarded-For),
+ * or the proxies' addresses/CIDRs (Fastify ignores a bare hop count: it cannot check the peer).
+ */
+function trustProxy(raw: string | undefined, problems: string[]): boolean | string[] {
+  if (raw === undefined || raw === 'false') return false;
+  if (raw === 'true') return true;
+  const entries = raw.split(',').map((e) => e.trim()).filter((e) => e !== '');
+  const isAddress = (entry: string): boolean => {
+    const [address = '', prefix] = entry.split('/');
+    const family = net.isIP(address);
+    return family !== 0 && (prefix === undefined || (/^\d{1,3}$/.test(prefix) && Number(prefix) <= (family === 4 ? 32 : 128)));
+  };
+  if (entries.length === 0 || !entries.every(isAddress)) {
+    problems.push('TRUST_PROXY must be true, false, or comma-separated IP addresses/CIDRs');
+    return false;
+  }
+  return entries;
 }

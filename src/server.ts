@@ -2,6 +2,7 @@
 import { buildApp } from './app.js';
 import { auditRoutes } from './audit/audit.routes.js';
 import { ConfigError, loadConfig } from './config.js';
+import { loadHttpsOptions } from './http/tls.js';
 import { createLogger } from './logger.js';
 import { createRuntime } from './runtime.js';
 
@@ -17,9 +18,11 @@ async function main(): Promise<void> {
     throw error;
   }
   const logger = createLogger(config.logLevel);
+  const https = loadHttpsOptions(config.tls); // unreadable certificate files fail the start before anything opens
   const runtime = await createRuntime(config, logger);
   const app = await buildApp({
     ...runtime,
+    https,
     plugins: [async (instance) => instance.register(auditRoutes, { audit: runtime.audit })],
   });
 
@@ -40,7 +43,7 @@ async function main(): Promise<void> {
 
   await app.listen({ port: config.port, host: config.host });
   logger.info(
-    { url: `http://${config.host}:${config.port}`, docs: `http://${config.host}:${config.port}/docs`, kek: runtime.kek.kind, database: runtime.database.kind },
+    { url: `${https ? 'https' : 'http'}://${config.host}:${config.port}`, docs: `${https ? 'https' : 'http'}://${config.host}:${config.port}/docs`, mtls: config.tls?.requireClientCert ?? false, kek: runtime.kek.kind, database: runtime.database.kind },
     'keystrata is listening',
   );
 }

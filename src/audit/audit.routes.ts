@@ -25,7 +25,7 @@ export const auditRoutes: FastifyPluginAsyncTypebox<{ audit: AuditRoutesService 
   });
 
   app.post('/v1/audit/verify', {
-    config: auditRead,
+    config: { ...auditRead, idempotent: false }, // a read: repeating it is harmless
     schema: {
       operationId: 'verifyAuditChain',
       tags: ['audit'],

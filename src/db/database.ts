@@ -9,8 +9,9 @@ import pg from 'pg';
 import type { HierarchyTables } from './tables.js';
 import type { AuditTables } from '../audit/audit.tables.js';
 import type { KekTables } from '../kek/kek.tables.js';
+import type { IdempotencyTables } from '../http/idempotency.repository.js';
 
-export interface DB extends HierarchyTables, AuditTables, KekTables {}
+export interface DB extends HierarchyTables, AuditTables, KekTables, IdempotencyTables {}
 export type Executor = Kysely<DB> | Transaction<DB>;
 
 export interface Database {

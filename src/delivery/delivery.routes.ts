@@ -55,7 +55,8 @@ export const deliveryRoutes: FastifyPluginAsyncTypebox<{ clients: ClientService;
   });
 
   app.post('/v1/keys/fetch', {
-    config: { scope: 'keystrata:keys:read' },
+    // a read (POST for its body); its answer is key material, never stored for Idempotency-Key replays
+    config: { scope: 'keystrata:keys:read', idempotent: false },
     schema: {
       operationId: 'fetchKeys',
       tags: ['key fetch'],

@@ -8,7 +8,7 @@ import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { Writable } from 'node:stream';
-import { buildApp, type KeystrataApp } from '../../src/app.js';
+import { buildApp, type AppDeps, type KeystrataApp } from '../../src/app.js';
 import { auditRoutes } from '../../src/audit/audit.routes.js';
 import { createAuditService, type AuditService } from '../../src/audit/audit.service.js';
 import { createAuthenticator } from '../../src/auth/authenticator.js';
@@ -18,6 +18,7 @@ import { createManualClock, systemClock, type Clock } from '../../src/clock.js';
 import { loadConfig, type Config } from '../../src/config.js';
 import { createLocalKekProvider } from '../../src/kek/local.provider.js';
 import type { KekProvider } from '../../src/kek/kek.types.js';
+import { loadHttpsOptions } from '../../src/http/tls.js';
 import { createLogger } from '../../src/logger.js';
 import { createTestDatabase, type TestDatabase } from './db.js';
 
@@ -34,7 +35,9 @@ export interface TestApp {
   close(): Promise<void>;
 }
 
-export async function createTestApp(options: { env?: Record<string, string>; kek?: (database: TestDatabase) => Promise<KekProvider>; manualClock?: boolean } = {}): Promise<TestApp> {
+export async function createTestApp(
+  options: { env?: Record<string, string>; kek?: (database: TestDatabase) => Promise<KekProvider>; manualClock?: boolean; plugins?: AppDeps['plugins'] } = {},
+): Promise<TestApp> {
   const dataDir = fs.mkdtempSync(path.join(os.tmpdir(), 'keystrata-test-'));
   const config = loadConfig({ KEYSTRATA_DATA_DIR: dataDir, LOG_LEVEL: 'debug', ...options.env });
   const logs: string[] = [];
@@ -62,7 +65,8 @@ export async function createTestApp(options: { env?: Record<string, string>; kek
     authenticator,
     clock,
     logger,
-    plugins: [async (instance) => instance.register(auditRoutes, { audit })],
+    https: loadHttpsOptions(config.tls), // TLS_* in options.env serve HTTPS, as server.ts does
+    plugins: [async (instance) => instance.register(auditRoutes, { audit }), ...(options.plugins ?? [])],
   });
   await app.ready();
 
