@@ -9,6 +9,7 @@ import * as audit from './20261121000200_audit.js';
 import * as versionRestore from './20261121000300_version_restore.js';
 import * as idempotency from './20261121000500_idempotency.js';
 import * as rotationPolicies from './20261121000400_rotation_policies.js';
+import * as distribution from './20261121000600_distribution.js';
 
 export const migrations: Record<string, Migration> = {
   '20261121000100_hierarchy': hierarchy,
@@ -17,4 +18,5 @@ export const migrations: Record<string, Migration> = {
   '20261121000300_version_restore': versionRestore,
   '20261121000400_rotation_policies': rotationPolicies,
   '20261121000500_idempotency': idempotency,
+  '20261121000600_distribution': distribution,
 };

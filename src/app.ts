@@ -16,6 +16,8 @@ import type { Config } from './config.js';
 import type { Database } from './db/database.js';
 import { createClientService } from './delivery/client.service.js';
 import { deliveryRoutes } from './delivery/delivery.routes.js';
+import { createDistribution } from './distribution/distribution.service.js';
+import { distributionRoutes } from './distribution/distribution.routes.js';
 import { createKeyFetchService } from './delivery/key-fetch.service.js';
 import { ForbiddenError } from './http/errors.js';
 import { registerErrorHandling } from './http/error-handler.js';
@@ -113,6 +115,14 @@ export async function buildApp(deps: AppDeps): Promise<KeystrataApp> {
       metrics.deliveredKeys.inc(keyCount);
     },
   });
+  // key distribution (distribution/): outbox metrics always; the MQTT publisher only with MQTT_URL,
+  // started once the app is ready and stopped (in-flight rows handed back) when it closes
+  const distribution = createDistribution({ db: database.db, material, audit, clock, logger: deps.logger, registry: metrics.registry, mqtt: config.mqtt });
+  const publisher = distribution.publisher;
+  if (publisher) {
+    app.addHook('onReady', async () => publisher.start());
+    app.addHook('onClose', async () => publisher.stop());
+  }
 
   // Deny by default: a route must say it is public or name the scope it needs.
   app.addHook('onRequest', async (request) => {
@@ -146,6 +156,7 @@ export async function buildApp(deps: AppDeps): Promise<KeystrataApp> {
   await app.register(lifecycleRoutes, { lifecycle });
   await app.register(rotationRoutes, { rotation });
   await app.register(deliveryRoutes, { clients, fetch });
+  await app.register(distributionRoutes, { distribution });
   for (const plugin of deps.plugins ?? []) await app.register(plugin);
   return app;
 }

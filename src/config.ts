@@ -5,6 +5,7 @@
  */
 import net from 'node:net';
 import path from 'node:path';
+import { loadMqttConfig, MQTT_SETTINGS, type MqttConfig } from './distribution/mqtt.config.js';
 
 export interface Config {
   port: number;
@@ -41,6 +42,8 @@ export interface Config {
   idempotencyTtlSeconds: number;
   /** HTTPS (and optional mTLS) when a certificate is configured; see http/tls.ts */
   tls: { certFile: string; keyFile: string; clientCaFile: string | undefined; requireClientCert: boolean } | undefined;
+  /** MQTT key distribution (distribution/mqtt.config.ts); undefined: publisher off, outbox waits */
+  mqtt: MqttConfig | undefined;
 }
 
 export class ConfigError extends Error {
@@ -83,6 +86,7 @@ export const SETTINGS: ReadonlyArray<{ name: string; default: string; meaning: s
   { name: 'TLS_KEY_FILE', default: '(required with TLS_CERT_FILE)', meaning: 'PEM private key of the certificate' },
   { name: 'TLS_CLIENT_CA_FILE', default: 'unset', meaning: 'PEM CA bundle that client certificates (mTLS) are verified against' },
   { name: 'TLS_REQUIRE_CLIENT_CERT', default: 'false', meaning: 'refuse TLS connections without a client certificate from TLS_CLIENT_CA_FILE' },
+  ...MQTT_SETTINGS,
 ];
 
 type Env = Record<string, string | undefined>;
@@ -186,6 +190,7 @@ export function loadConfig(env: Env = process.env): Readonly<Config> {
     trustProxy: trustProxy(read('TRUST_PROXY'), problems),
     idempotencyTtlSeconds: int('IDEMPOTENCY_TTL_SECONDS', 86_400, 60, 30 * 86_400),
     tls: undefined,
+    mqtt: loadMqttConfig({ read, int, bool, problems }),
   };
   const certFile = read('TLS_CERT_FILE');
   const keyFile = read('TLS_KEY_FILE');
