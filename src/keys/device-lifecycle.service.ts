@@ -19,11 +19,11 @@
 import type { Kysely, Transaction } from 'kysely';
 import type { AuditEventInput, AuditSink } from '../audit/audit.types.js';
 import type { Clock } from '../clock.js';
-import { wrapKey } from '../crypto/aead.js';
-import { fieldBinding, fieldKeyId } from '../crypto/binding.js';
+import { fieldKeyId } from '../crypto/binding.js';
 import type { DB } from '../db/database.js';
 import type { VersionState } from '../db/tables.js';
 import { BadRequestError, ConflictError, NotFoundError } from '../http/errors.js';
+import { deviceRotateEvent, fieldRewrapEvents, fieldRotateEvent, planDeviceRotation, planFieldRewraps, planFieldRotation, type PlanKeys } from './device-rotation.js';
 import type { KeyMaterial } from './key-material.js';
 import * as keyRepo from './key.repository.js';
 import type { Actor, DeviceView, KeyService } from './key.service.js';
@@ -198,7 +198,6 @@ export function createDeviceLifecycleService(deps: {
   }
 
   const isLive = (state: VersionState) => LIVE_STATES.includes(state);
-  const nextVersion = (rows: ReadonlyArray<{ version: number }>) => rows.reduce((max, r) => Math.max(max, r.version), 0) + 1;
   /** The version that can take over from a revoked primary: the newest one still in its grace period (devices hold it). */
   const successorOf = <T extends { state: VersionState; version: number; state_until: Date | null }>(rows: readonly T[], now: Date): T | undefined =>
     rows.filter((r) => r.state === 'grace' && (r.state_until === null || r.state_until > now)).sort((a, b) => b.version - a.version)[0];
@@ -211,32 +210,29 @@ export function createDeviceLifecycleService(deps: {
    * `parent_version` do. Returns the audit events (one per field key).
    */
   async function rewrapFieldsUnder(trx: Trx, ring: KeyRing, who: Actor, locked: Locked, toVersion: number, toKey: Buffer): Promise<AuditEventInput[]> {
-    const deviceId = locked.device.id;
-    const moved = new Map<string, { versions: number[]; from: Set<number> }>();
-    for (const row of locked.fields) {
-      if (!isLive(row.state) || row.parent_version === toVersion) continue;
-      const parent = locked.versions.find((v) => v.version === row.parent_version);
-      if (!parent || parent.wrapped_key === null) {
-        throw new ConflictError(`Field key ${row.field} v${row.version} of device ${deviceId} is wrapped under a device version without material`, 'parent_missing');
+    const rewraps = planFieldRewraps(locked.device.id, locked.versions, locked.fields, toVersion, toKey, planKeys(ring, locked.device.id));
+    await applyFieldRewraps(trx, locked, rewraps, toVersion);
+    return fieldRewrapEvents(locked.device.id, rewraps, toVersion).map((e) => event(who, e));
+  }
+
+  async function applyFieldRewraps(trx: Trx, locked: Locked, rewraps: ReturnType<typeof planFieldRewraps>, toVersion: number): Promise<void> {
+    for (const r of rewraps) {
+      await repo.rewrapFieldVersion(trx, { device_id: locked.device.id, field: r.field, version: r.version, parent_version: r.fromParent }, r.wrapped, toVersion);
+      const row = locked.fields.find((f) => f.field === r.field && f.version === r.version);
+      if (row) {
+        row.parent_version = toVersion;
+        row.wrapped_key = r.wrapped;
       }
-      const fieldKey = ring.keep(material.fieldKey(ring.device(parent), deviceId, parent.version, row.field, row.version, row.wrapped_key));
-      const wrapped = wrapKey(toKey, fieldKey, fieldBinding(deviceId, row.field, row.version, toVersion));
-      await repo.rewrapFieldVersion(trx, row, wrapped, toVersion);
-      const entry = moved.get(row.field) ?? { versions: [], from: new Set<number>() };
-      entry.versions.push(row.version);
-      entry.from.add(row.parent_version);
-      moved.set(row.field, entry);
-      row.parent_version = toVersion;
-      row.wrapped_key = wrapped;
     }
-    return [...moved].map(([field, { versions, from }]) =>
-      event(who, {
-        action: 'field_key.rewrap',
-        outcome: 'success',
-        keyId: `field:${fieldKeyId(deviceId, field)}`,
-        details: { versions, fromDeviceVersions: [...from], toDeviceVersion: toVersion },
-      }),
-    );
+  }
+
+  /** Unwrapping for the shared rotation plans (device-rotation.ts), through the ring (cached, zeroed with it). */
+  function planKeys(ring: KeyRing, deviceId: string): PlanKeys {
+    return {
+      device: (row) => ring.device({ device_id: deviceId, version: row.version, parent_version: row.parent_version, wrapped_key: row.wrapped_key }),
+      field: (deviceKey, deviceVersion, row) => material.fieldKey(deviceKey, deviceId, deviceVersion, row.field, row.version, row.wrapped_key),
+      keep: (buffer) => ring.keep(buffer),
+    };
   }
 
   /** New device DEK version as primary; the old primary → grace (or disabled); field keys rewrapped. */
@@ -250,58 +246,38 @@ export function createDeviceLifecycleService(deps: {
     const { device, versions, groupPrimary } = locked;
     const { now } = options;
     if (groupPrimary === null) throw new ConflictError(`Group ${device.group_id} has no primary version`, 'no_primary_version');
-    const groupKey = ring.group(groupPrimary);
-
-    const version = nextVersion(versions);
-    const { wrapped, key } = material.newDeviceKey(groupKey, device.group_id, groupPrimary, device.id, version);
-    ring.keep(key);
-
-    const old = versions.find((v) => v.state === 'primary');
-    const oldTo: VersionState = options.compromised ? 'disabled' : 'grace';
-    if (old) {
-      assertTransition(`Device ${device.id} v${old.version}`, 'primary', oldTo);
-      const stateUntil = oldTo === 'grace' ? options.graceUntil : null;
+    const plan = planDeviceRotation({
+      deviceId: device.id,
+      groupId: device.group_id,
+      groupVersion: groupPrimary,
+      groupKey: ring.group(groupPrimary),
+      versions,
+      fields: locked.fields,
+      material,
+      keys: planKeys(ring, device.id),
+      ...options,
+    });
+    const { version, previous } = plan;
+    if (previous) {
       // the old primary leaves first: one primary per key is a unique index
-      await repo.updateDeviceVersion(trx, device.id, old.version, 'primary', { state: oldTo, state_changed_at: now, state_until: stateUntil });
-      old.state = oldTo;
-      old.state_until = stateUntil;
+      await repo.updateDeviceVersion(trx, device.id, previous.version, 'primary', { state: previous.to, state_changed_at: now, state_until: previous.stateUntil });
+      const old = versions.find((v) => v.version === previous.version);
+      if (old) {
+        old.state = previous.to;
+        old.state_until = previous.stateUntil;
+      }
     }
-    const row = {
-      device_id: device.id,
-      version,
-      state: 'primary' as const,
-      wrapped_key: wrapped,
-      parent_version: groupPrimary,
-      created_at: now,
-      state_changed_at: now,
-      state_until: null,
-      state_before_destroy: null,
-      state_until_before_destroy: null,
-    };
-    await repo.insertDeviceVersion(trx, row);
-    versions.push(row);
+    await repo.insertDeviceVersion(trx, plan.row);
+    versions.push(plan.row);
     await enqueueKeyUpdate(trx, { deviceId: device.id, kind: 'device', version, state: 'primary' }); // issue 6: the new key to the device
-    if (old && oldTo === 'disabled') await enqueueKeyUpdate(trx, { deviceId: device.id, kind: 'device', version: old.version, state: 'disabled' }); // issue 6
+    if (previous?.to === 'disabled') await enqueueKeyUpdate(trx, { deviceId: device.id, kind: 'device', version: previous.version, state: 'disabled' }); // issue 6
 
-    const fieldEvents = await rewrapFieldsUnder(trx, ring, who, locked, version, key);
-    const rewrapped = fieldEvents.reduce((n, e) => n + ((e.details?.versions as number[] | undefined)?.length ?? 0), 0);
+    await applyFieldRewraps(trx, locked, plan.rewraps, version);
     await audit.record(trx, [
-      event(who, {
-        action: 'device.rotate',
-        outcome: 'success',
-        keyId: `device:${device.id}`,
-        details: {
-          version,
-          groupVersion: groupPrimary,
-          reason: options.reason,
-          compromised: options.compromised,
-          ...(old ? { previousVersion: old.version, previousVersionState: oldTo, previousVersionUntil: old.state_until?.toISOString() ?? null } : { previousVersion: null }),
-          fieldVersionsRewrapped: rewrapped,
-        },
-      }),
-      ...fieldEvents,
+      event(who, deviceRotateEvent(device.id, plan, { reason: options.reason, compromised: options.compromised })),
+      ...fieldRewrapEvents(device.id, plan.rewraps, version).map((e) => event(who, e)),
     ]);
-    return old ? { version, previous: old.version } : { version };
+    return previous ? { version, previous: previous.version } : { version };
   }
 
   /** New field key version as primary under the device primary; the old primary → grace (or disabled). */
@@ -319,53 +295,31 @@ export function createDeviceLifecycleService(deps: {
     if (rows.length === 0) throw new NotFoundError(`Field key ${field} of device ${device.id} not found`);
     const devicePrimary = versions.find((v) => v.state === 'primary');
     if (!devicePrimary) throw new ConflictError(`Device ${device.id} has no primary version to wrap a new field key under`, 'no_primary_version');
-    const deviceKey = ring.device(devicePrimary);
-
-    const version = nextVersion(rows);
-    const { wrapped, key } = material.newFieldKey(deviceKey, device.id, devicePrimary.version, field, version);
-    ring.keep(key);
-
-    const old = rows.find((r) => r.state === 'primary');
-    const oldTo: VersionState = options.compromised ? 'disabled' : 'grace';
-    if (old) {
-      assertTransition(`Field key ${field} v${old.version} of device ${device.id}`, 'primary', oldTo);
-      const stateUntil = oldTo === 'grace' ? options.graceUntil : null;
-      await repo.updateFieldVersion(trx, device.id, field, old.version, 'primary', { state: oldTo, state_changed_at: now, state_until: stateUntil });
-      old.state = oldTo;
-      old.state_until = stateUntil;
-    }
-    const row = {
-      device_id: device.id,
+    const plan = planFieldRotation({
+      deviceId: device.id,
       field,
-      version,
-      state: 'primary' as const,
-      wrapped_key: wrapped,
-      parent_version: devicePrimary.version,
-      created_at: now,
-      state_changed_at: now,
-      state_until: null,
-      state_before_destroy: null,
-      state_until_before_destroy: null,
-    };
-    await repo.insertFieldVersion(trx, row);
-    fields.push(row);
+      rows,
+      deviceVersion: devicePrimary.version,
+      deviceKey: ring.device(devicePrimary),
+      material,
+      keys: ring,
+      ...options,
+    });
+    const { version, previous } = plan;
+    if (previous) {
+      await repo.updateFieldVersion(trx, device.id, field, previous.version, 'primary', { state: previous.to, state_changed_at: now, state_until: previous.stateUntil });
+      const old = rows.find((r) => r.version === previous.version);
+      if (old) {
+        old.state = previous.to;
+        old.state_until = previous.stateUntil;
+      }
+    }
+    await repo.insertFieldVersion(trx, plan.row);
+    fields.push(plan.row);
     await enqueueKeyUpdate(trx, { deviceId: device.id, kind: 'field', field, version, state: 'primary' }); // issue 6: the new key to the device
-    if (old && oldTo === 'disabled') await enqueueKeyUpdate(trx, { deviceId: device.id, kind: 'field', field, version: old.version, state: 'disabled' }); // issue 6
-    await audit.record(trx, [
-      event(who, {
-        action: 'field_key.rotate',
-        outcome: 'success',
-        keyId: `field:${fieldKeyId(device.id, field)}`,
-        details: {
-          version,
-          deviceVersion: devicePrimary.version,
-          reason: options.reason,
-          compromised: options.compromised,
-          ...(old ? { previousVersion: old.version, previousVersionState: oldTo, previousVersionUntil: old.state_until?.toISOString() ?? null } : { previousVersion: null }),
-        },
-      }),
-    ]);
-    return old ? { version, previous: old.version } : { version };
+    if (previous?.to === 'disabled') await enqueueKeyUpdate(trx, { deviceId: device.id, kind: 'field', field, version: previous.version, state: 'disabled' }); // issue 6
+    await audit.record(trx, [event(who, fieldRotateEvent(device.id, plan, { reason: options.reason, compromised: options.compromised }))]);
+    return previous ? { version, previous: previous.version } : { version };
   }
 
   // ---------- rotation ----------
