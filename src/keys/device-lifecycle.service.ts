@@ -462,6 +462,10 @@ export function createDeviceLifecycleService(deps: {
       if (device.destroy_after <= now) {
         throw new ConflictError(`The waiting period of device ${deviceId} ended at ${device.destroy_after.toISOString()}: its keys are destroyed and cannot be restored`, 'device_destroyed');
       }
+      // a runner whose clock is ahead may already have erased part of it: never restore half a device
+      if ([...versions, ...fields].some((v) => v.state === 'destroyed' && v.state_before_destroy !== null)) {
+        throw new ConflictError(`Device ${deviceId} is already (partly) destroyed and cannot be restored`, 'device_destroyed');
+      }
       const restored: Array<{ field?: string; version: number; state: VersionState }> = [];
       const restoreRows = async <T extends repo.LockedDeviceVersion>(
         rows: readonly T[],
@@ -475,7 +479,7 @@ export function createDeviceLifecycleService(deps: {
           if (row.state !== 'destroy_scheduled' || row.state_before_destroy === null) continue;
           let to = row.state_before_destroy;
           let until = row.state_until_before_destroy;
-          if (to === 'primary' && hasPrimary) to = 'grace';
+          if (to === 'primary' && hasPrimary) to = 'decrypt_only';
           if (to === 'grace' && until !== null && until <= now) {
             // its grace ended during the waiting period
             to = 'decrypt_only';

@@ -165,7 +165,10 @@ describe.skipIf(inject('testDb').mode !== 'postgres')('concurrent rotations of o
   it('when two rotations run at once, then exactly one succeeds and the device has exactly one new primary', async () => {
     // hold the device row so both requests read the same primary, then queue on the lock
     const blocker = new pg.Client({ connectionString: f.t.database.url });
+    // watched from outside the blocker's transaction (pg_stat_activity is a snapshot inside one)
+    const monitor = new pg.Client({ connectionString: f.t.database.url });
     await blocker.connect();
+    await monitor.connect();
     try {
       await blocker.query('begin');
       await blocker.query(`select id from devices where id = 'race-1' for update`);
@@ -173,7 +176,7 @@ describe.skipIf(inject('testDb').mode !== 'postgres')('concurrent rotations of o
         call(f.t.app, f.admin, 'POST', '/v1/devices/race-1/rotate', {}),
         call(f.t.app, f.admin, 'POST', '/v1/devices/race-1/rotate', {}),
       ]);
-      await waitForLockWaiters(blocker, 2);
+      await waitForLockWaiters(monitor, 2);
       await blocker.query('commit');
       const statuses = (await both).map((r) => r.status).sort();
       expect(statuses).toEqual([200, 409]);
@@ -181,6 +184,7 @@ describe.skipIf(inject('testDb').mode !== 'postgres')('concurrent rotations of o
       expect(loser?.body.code).toBe('concurrent_rotation');
     } finally {
       await blocker.end();
+      await monitor.end();
     }
     const rows = await deviceRows(f, 'race-1');
     expect(rows.map((r) => [r.version, r.state])).toEqual([

@@ -192,7 +192,7 @@ describe('restore when time has passed during the wait', () => {
   let f: Fleet;
   beforeAll(async () => {
     f = await createFleet();
-    await enrol(f, ['clock-1'], ['patient_id']);
+    await enrol(f, ['clock-1', 'skew-1'], ['patient_id']);
   });
   afterAll(async () => f.close());
 
@@ -213,5 +213,19 @@ describe('restore when time has passed during the wait', () => {
       ['clock-1:v2', 'primary'],
     ]);
     expect(keyBytes(keys.keys[1])).toEqual(await storedDeviceKey(f, 'clock-1', 2));
+  });
+
+  it('when a runner with a clock ahead already erased the device, then restore is refused and nothing comes back half-way', async () => {
+    const shred = await call(f.t.app, f.admin, 'DELETE', '/v1/devices/skew-1?waitDays=1');
+    expect(shred.status).toBe(202);
+    const ahead = new Date(new Date(shred.body.destroyAfter as string).getTime() + 1000);
+    const erased = await f.sweeps.destroyDue({ now: ahead });
+    expect(erased.items.filter((i) => i.deviceId === 'skew-1')).toHaveLength(2);
+    // this replica's clock is still inside the waiting period
+    expect(f.clock.now().getTime()).toBeLessThan(ahead.getTime());
+    expectProblem(await call(f.t.app, f.admin, 'POST', '/v1/devices/skew-1/restore'), 409, 'device_destroyed');
+    expect([...(await deviceRows(f, 'skew-1')), ...(await fieldRows(f, 'skew-1'))].map((r) => r.state)).toEqual(['destroyed', 'destroyed']);
+    const device = await f.t.database.db.selectFrom('devices').select('destroy_after').where('id', '=', 'skew-1').executeTakeFirstOrThrow();
+    expect(device.destroy_after?.toISOString()).toBe(shred.body.destroyAfter);
   });
 });
