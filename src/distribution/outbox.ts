@@ -16,10 +16,12 @@
  *
  * Transport key (`wrapped_by`): a device DEK version the device already holds and that is not
  * the subject itself, preferring, in order, the primary, the newest `grace` (the previous
- * primary right after a rotation), `pending`, `decrypt_only`, and last `disabled` (after a
- * compromise rotation with nothing else left: see the caveat in the report/README — whoever
- * holds a compromised key can read what is sent under it). Every device version but the
- * enrolment one reached the device through an earlier outbox row, delivered first.
+ * primary right after a rotation), `pending`, `decrypt_only`. A state change without a key that
+ * finds none of those is sealed under the subject version itself. Only as a last resort, a
+ * `disabled` version: a new key after a compromise rotation of a device that holds nothing
+ * else (whoever holds a compromised key can read what is sent under it: re-provision such a
+ * device out of band). Every device version but the enrolment one reached the device through
+ * an earlier outbox row, delivered first.
  *
  * Key material in the message (`with_key`): only for a version in `pending`, `primary` or
  * `grace` whose key has not been queued for the device before and is not device DEK v1 (the
@@ -53,7 +55,8 @@ export interface EnqueuedUpdate {
 }
 
 const KEY_STATES: readonly VersionState[] = ['pending', 'primary', 'grace'];
-const TRANSPORT_PREFERENCE: readonly VersionState[] = ['primary', 'grace', 'pending', 'decrypt_only', 'disabled'];
+const TRUSTED_TRANSPORT: readonly VersionState[] = ['primary', 'grace', 'pending', 'decrypt_only'];
+const TRANSPORT_PREFERENCE: readonly VersionState[] = [...TRUSTED_TRANSPORT, 'disabled'];
 
 /** Write one outbox row in the caller's transaction (see the file comment). */
 export async function enqueueKeyUpdate(trx: Transaction<DB> | Kysely<DB>, update: KeyUpdate): Promise<EnqueuedUpdate> {
@@ -78,13 +81,15 @@ export async function enqueueKeyUpdate(trx: Transaction<DB> | Kysely<DB>, update
     (v) => v.has_material && TRANSPORT_PREFERENCE.includes(v.state) && !(update.kind === 'device' && v.version === update.version),
   );
   // newest first within each state (the list comes newest first)
-  const transport = TRANSPORT_PREFERENCE.map((state) => candidates.find((v) => v.state === state)).find((v) => v !== undefined);
-  let wrappedBy = transport?.version;
-  if (wrappedBy === undefined) {
-    // a state change of the device's only usable version: authenticated under that version itself
-    if (!withKey && update.kind === 'device' && subject.has_material) wrappedBy = update.version;
-    else throw new ConflictError(`Device ${update.deviceId} holds no device DEK version a new key could be sent under`, 'no_transport_key');
+  const best = (states: readonly VersionState[]) => states.map((state) => candidates.find((v) => v.state === state)).find((v) => v !== undefined)?.version;
+  let wrappedBy = best(TRUSTED_TRANSPORT);
+  if (wrappedBy === undefined && !withKey && update.kind === 'device' && subject.has_material) {
+    // a state change with nothing but revoked versions besides the subject: authenticated under
+    // the subject itself (the device holds it), never under a version that may be compromised
+    wrappedBy = update.version;
   }
+  wrappedBy ??= best(['disabled']);
+  if (wrappedBy === undefined) throw new ConflictError(`Device ${update.deviceId} holds no device DEK version a key update could be sealed under`, 'no_transport_key');
 
   const id = await repo.insertOutboxRow(ex, {
     device_id: update.deviceId,

@@ -17,6 +17,10 @@ export interface TestBroker {
   stop(): Promise<void>;
   /** start again on the same port, with the saved state */
   start(): Promise<void>;
+  /** SIGSTOP: connections stay open, nothing is answered (messages sent now stay in flight) */
+  freeze(): void;
+  /** SIGKILL: a crash; nothing is saved since the last clean stop */
+  kill(): Promise<void>;
   close(): Promise<void>;
 }
 
@@ -113,12 +117,24 @@ export async function startBroker(): Promise<TestBroker> {
     await waitForPort(port, false, 5000);
   }
 
+  async function kill(): Promise<void> {
+    const proc = child;
+    if (!proc) return;
+    const exited = new Promise<void>((resolve) => proc.once('exit', () => resolve()));
+    proc.kill('SIGKILL');
+    await exited;
+    child = undefined;
+    await waitForPort(port, false, 5000);
+  }
+
   await start();
   return {
     url: `mqtt://127.0.0.1:${port}`,
     port,
     start,
     stop,
+    kill,
+    freeze: () => void child?.kill('SIGSTOP'),
     async close() {
       await stop();
       fs.rmSync(dir, { recursive: true, force: true });
