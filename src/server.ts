@@ -46,6 +46,9 @@ async function main(): Promise<void> {
     { url: `${https ? 'https' : 'http'}://${config.host}:${config.port}`, docs: `${https ? 'https' : 'http'}://${config.host}:${config.port}/docs`, mtls: config.tls?.requireClientCert ?? false, kek: runtime.kek.kind, database: runtime.database.kind },
     'keystrata is listening',
   );
+  // issue 6: key distribution (distribution/publisher.ts starts with the app when MQTT_URL is set)
+  if (config.mqtt === undefined) logger.warn('MQTT_URL is not set: the key distribution publisher is off; key updates wait in the outbox (keystrata_outbox_depth)');
+  else logger.info({ broker: config.mqtt.endpoint, clientId: config.mqtt.clientId }, 'key distribution publisher started');
 }
 
 main().catch((error: unknown) => {
