@@ -124,13 +124,15 @@ export function createVersionSweeps(deps: { db: Kysely<DB>; audit: AuditSink; ma
     from: 'grace',
     to: 'decrypt_only',
     find: repo.findDueFieldVersions,
-    apply: (ex, row, now) => repo.updateFieldVersion(ex, row.device_id, row.field as string, row.version, 'grace', { state: 'decrypt_only', state_changed_at: now, state_until: null }),
+    // The change dates from the grace's end, not from when cron got to it: a late run must not
+    // widen the window in which backends accept new messages under this version.
+    apply: (ex, row) => repo.updateFieldVersion(ex, row.device_id, row.field as string, row.version, 'grace', { state: 'decrypt_only', state_changed_at: row.state_until, state_until: null }),
     event: (row) => ({ action: 'field_key.grace_expire', outcome: 'success', keyId: keyIdOf(row), details: { version: row.version, graceUntil: row.state_until.toISOString(), state: 'decrypt_only' } }),
   };
   const graceDevice: Pass = {
     ...graceField,
     find: repo.findDueDeviceVersions,
-    apply: (ex, row, now) => repo.updateDeviceVersion(ex, row.device_id, row.version, 'grace', { state: 'decrypt_only', state_changed_at: now, state_until: null }),
+    apply: (ex, row) => repo.updateDeviceVersion(ex, row.device_id, row.version, 'grace', { state: 'decrypt_only', state_changed_at: row.state_until, state_until: null }),
     event: (row) => ({ action: 'device.grace_expire', outcome: 'success', keyId: keyIdOf(row), details: { version: row.version, graceUntil: row.state_until.toISOString(), state: 'decrypt_only' } }),
   };
   const destroyEvent = (action: string) => (row: repo.DueVersion): Omit<AuditEventInput, 'actor' | 'requestId'> => ({

@@ -36,7 +36,7 @@ describe('grace expiry', () => {
   });
 
   it('when a dry run is asked for, then it lists the due versions and the database is unchanged', async () => {
-    f.clock.set(new Date(Math.max(...(await graceEnds()))));
+    f.clock.set(new Date(Math.max(...(await graceEnds())) + 3_600_000)); // cron runs an hour late
     const before = await snapshot(f);
     const dry = await f.sweeps.expireGrace({ dryRun: true, limit: 1000 });
     expect(dry).toMatchObject({ dryRun: true, devices: 30, fields: 1, more: false });
@@ -70,6 +70,14 @@ describe('grace expiry', () => {
     expect(new Set(expired.map((e) => e.keyId)).size).toBe(30);
     expect(expired[0]).toMatchObject({ actor: 'system:rotation', details: { version: 1, state: 'decrypt_only' } });
     expect(await events(f, { action: 'field_key.grace_expire' })).toHaveLength(1);
+  });
+
+  it('when cron expires a grace late, then the decrypt_only state dates from the grace end, not from the late run', async () => {
+    const expired = await events(f, { action: 'device.grace_expire' });
+    const rows = await f.t.database.db.selectFrom('device_versions').select(['device_id', 'state_changed_at']).where('version', '=', 1).where('device_id', 'in', ids).execute();
+    const changedAt = new Map(rows.map((r) => [`device:${r.device_id}`, (r.state_changed_at as Date).toISOString()]));
+    for (const event of expired) expect(changedAt.get(event.keyId as string)).toBe((event.details as { graceUntil: string }).graceUntil);
+    expect(Math.min(...rows.map((r) => (r.state_changed_at as Date).getTime()))).toBeLessThan(f.clock.now().getTime());
   });
 
   it('when grace is over, then key fetch still delivers the old version, flagged decrypt_only', async () => {
