@@ -50,7 +50,7 @@ describe('the cron entry', () => {
     expect(await dumpDatabase(f)).toBe(before);
     expect(dry).toMatchObject({
       dryRun: true,
-      kek: { rotated: true, fromVersion: 1, toVersion: 2, rewrap: { groupKeys: { rewrapped: 2, remaining: 0 }, auditKeys: { rewrapped: 1 } }, minDecryptionVersion: { before: 1, after: 2, raised: true } },
+      kek: { rotated: true, fromVersion: 1, toVersion: 2, rewrap: { groupKeys: { rewrapped: 2, remaining: 0 }, auditKeys: { rewrapped: 2 } }, minDecryptionVersion: { before: 1, after: 2, raised: true } },
       // 600 devices, one with two versions
       groups: { rotated: [{ groupId: 'north', fromVersion: 1, toVersion: 2 }, { groupId: 'south', fromVersion: 1, toVersion: 2 }], children: { rewrapped: 601, remaining: 0 } },
       // the one scheduled for destruction is not due for rotation

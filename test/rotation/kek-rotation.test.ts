@@ -148,11 +148,32 @@ describe('KEK rotation (local provider)', () => {
     expect(await kekVersions()).toEqual([[4, 600]]);
   });
 
-  it('when two rotations are requested at once, then one rotates and the other is refused with 409', async () => {
-    const [a, b] = await Promise.all([call(f.t.app, f.admin, 'POST', '/v1/kek/rotate', {}), call(f.t.app, f.admin, 'POST', '/v1/kek/rotate', {})]);
-    const statuses = [a.status, b.status].sort();
-    expect(statuses).toEqual([200, 409]);
-    expectProblem([a, b].find((r) => r.status === 409)!, 409, 'rotation_in_progress');
+  it('when a rotation is requested while another is running, then it is refused with 409 and the KEK rotates once', async () => {
+    let release!: () => void;
+    const gate = new Promise<void>((resolve) => (release = resolve));
+    let paused!: () => void;
+    const pausedAt = new Promise<void>((resolve) => (paused = resolve));
+    const slow = createRotation({
+      db: f.t.database.db,
+      kek: f.t.kek,
+      material: createKeyMaterial({ kek: f.t.kek, cache: createKeyCache({ ttlSeconds: 60, maxEntries: 10 }) }),
+      audit: f.t.audit,
+      clock: f.clock,
+      hooks: {
+        async afterKekBatch() {
+          paused();
+          await gate;
+        },
+      },
+    });
+    const first = slow.kekRotation.run({ actor: 'alice' }, { mode: 'manual' });
+    await pausedAt; // the first rotation holds the lease, half-way through its rewrap
+    const second = await call(f.t.app, f.admin, 'POST', '/v1/kek/rotate', {});
+    expectProblem(second, 409, 'rotation_in_progress');
+    const cron = await runCron(f);
+    expect(cron.kek).toMatchObject({ status: 'skipped', rotated: false });
+    release();
+    expect(await first).toMatchObject({ status: 'done', rotated: true, toVersion: 5, rewrap: { groupKeys: { remaining: 0 } } });
     expect((await f.t.kek.info()).latestVersion).toBe(5);
     expect(await events(f, { action: 'kek.rotate' })).toHaveLength(4);
   });

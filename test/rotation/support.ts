@@ -32,6 +32,8 @@ export interface Fleet {
 export async function createFleet(options: { kek?: (database: TestDatabase) => Promise<KekProvider>; readerGroups?: string[] } = {}): Promise<Fleet> {
   const t = await createTestApp({ manualClock: true, ...(options.kek ? { kek: options.kek } : {}) });
   const clock = t.clock as ReturnType<typeof createManualClock>;
+  // the audit keys exist before the first change (on single-connection PGlite, a first change cannot create them)
+  await t.audit.init();
   const admin = await t.token('keystrata:admin', { sub: 'alice' });
   const rotator = await t.token('keystrata:rotate', { sub: 'cron', ttlSeconds: 3600 });
   const backend = await newDeliveryKeyPair('X25519');
