@@ -11,64 +11,90 @@ import type { DistributionExecutor, KeyKind, OutboxStatus } from './distribution
 
 // ---------- enqueue (inside the caller's transaction) ----------
 
+// large chunks are split so one statement stays well under PostgreSQL's 65,535 parameters
+const CHUNK = 2000;
+
+function chunks<T>(items: readonly T[]): T[][] {
+  const out: T[][] = [];
+  for (let i = 0; i < items.length; i += CHUNK) out.push(items.slice(i, i + CHUNK));
+  return out;
+}
+
 /**
- * Lock the device row against other enqueuers until commit, so a device's outbox ids follow
- * commit order. FOR NO KEY UPDATE: it does not conflict with the KEY SHARE a foreign-key check
- * takes (a field key insert), so two such transactions cannot deadlock on it; a caller already
- * holding FOR UPDATE (the lifecycle service) passes straight through.
+ * Lock the device rows (in id order) against other enqueuers until commit, so each device's
+ * outbox ids follow commit order. FOR NO KEY UPDATE: it does not conflict with the KEY SHARE a
+ * foreign-key check takes (a field key insert), so two such transactions cannot deadlock on it;
+ * a caller already holding FOR UPDATE (the lifecycle service, a rollout chunk) passes straight
+ * through. Returns the ids found.
  */
-export async function lockDevice(ex: DistributionExecutor, deviceId: string): Promise<boolean> {
-  const row = await ex.selectFrom('devices').select('id').where('id', '=', deviceId).forNoKeyUpdate().executeTakeFirst();
-  return row !== undefined;
+export async function lockDevices(ex: DistributionExecutor, deviceIds: readonly string[]): Promise<string[]> {
+  const found: string[] = [];
+  for (const part of chunks([...deviceIds].sort())) {
+    const rows = await ex.selectFrom('devices').select('id').where('id', 'in', part).orderBy('id').forNoKeyUpdate().execute();
+    for (const row of rows) found.push(row.id);
+  }
+  return found;
 }
 
 export interface VersionMaterialState {
+  device_id: string;
+  field: string;
   version: number;
   state: VersionState;
   has_material: boolean;
 }
 
-export async function listDeviceVersionStates(ex: DistributionExecutor, deviceId: string): Promise<VersionMaterialState[]> {
-  return ex
-    .selectFrom('device_versions')
-    .select(['version', 'state', sql<boolean>`wrapped_key is not null`.as('has_material')])
-    .where('device_id', '=', deviceId)
-    .orderBy('version', 'desc')
-    .execute();
-}
-
-export async function findVersionState(ex: DistributionExecutor, deviceId: string, kind: KeyKind, field: string, version: number): Promise<VersionMaterialState | undefined> {
-  if (kind === 'device') {
-    return ex
+/** The device DEK versions of these devices, newest first per device. */
+export async function listDeviceVersionStatesOf(ex: DistributionExecutor, deviceIds: readonly string[]): Promise<VersionMaterialState[]> {
+  const out: VersionMaterialState[] = [];
+  for (const part of chunks(deviceIds)) {
+    const rows = await ex
       .selectFrom('device_versions')
-      .select(['version', 'state', sql<boolean>`wrapped_key is not null`.as('has_material')])
-      .where('device_id', '=', deviceId)
-      .where('version', '=', version)
-      .executeTakeFirst();
+      .select(['device_id', sql<string>`''`.as('field'), 'version', 'state', sql<boolean>`wrapped_key is not null`.as('has_material')])
+      .where('device_id', 'in', part)
+      .orderBy('device_id')
+      .orderBy('version', 'desc')
+      .execute();
+    out.push(...rows);
   }
-  return ex
-    .selectFrom('field_versions')
-    .select(['version', 'state', sql<boolean>`wrapped_key is not null`.as('has_material')])
-    .where('device_id', '=', deviceId)
-    .where('field', '=', field)
-    .where('version', '=', version)
-    .executeTakeFirst();
+  return out;
 }
 
-/** Has this version's key already gone (or is it going) to the device in an earlier message? */
-export async function keyAlreadyQueued(ex: DistributionExecutor, deviceId: string, kind: KeyKind, field: string, version: number): Promise<boolean> {
-  const row = await ex
-    .selectFrom('key_outbox')
-    .select('id')
-    .where('device_id', '=', deviceId)
-    .where('kind', '=', kind)
-    .where('field', '=', field)
-    .where('version', '=', version)
-    .where('with_key', '=', true)
-    .where('status', '<>', 'dropped')
-    .limit(1)
-    .executeTakeFirst();
-  return row !== undefined;
+export async function listFieldVersionStatesOf(ex: DistributionExecutor, deviceIds: readonly string[], fields: readonly string[]): Promise<VersionMaterialState[]> {
+  if (deviceIds.length === 0 || fields.length === 0) return [];
+  const out: VersionMaterialState[] = [];
+  for (const part of chunks(deviceIds)) {
+    const rows = await ex
+      .selectFrom('field_versions')
+      .select(['device_id', 'field', 'version', 'state', sql<boolean>`wrapped_key is not null`.as('has_material')])
+      .where('device_id', 'in', part)
+      .where('field', 'in', fields)
+      .execute();
+    out.push(...rows);
+  }
+  return out;
+}
+
+/** Keys already queued (or sent) to these devices in an earlier message, among these versions. */
+export async function listQueuedKeys(
+  ex: DistributionExecutor,
+  deviceIds: readonly string[],
+  versions: readonly number[],
+): Promise<Array<{ device_id: string; kind: KeyKind; field: string; version: number }>> {
+  const out: Array<{ device_id: string; kind: KeyKind; field: string; version: number }> = [];
+  for (const part of chunks(deviceIds)) {
+    const rows = await ex
+      .selectFrom('key_outbox')
+      .select(['device_id', 'kind', 'field', 'version'])
+      .distinct()
+      .where('device_id', 'in', part)
+      .where('version', 'in', versions)
+      .where('with_key', '=', true)
+      .where('status', '<>', 'dropped')
+      .execute();
+    out.push(...rows);
+  }
+  return out;
 }
 
 export interface NewOutboxRow {
@@ -82,9 +108,15 @@ export interface NewOutboxRow {
   with_key: boolean;
 }
 
-export async function insertOutboxRow(ex: DistributionExecutor, row: NewOutboxRow): Promise<number> {
-  const inserted = await ex.insertInto('key_outbox').values(row).returning('id').executeTakeFirstOrThrow();
-  return Number(inserted.id);
+/** Insert rows in the given order (ids ascend in that order); returns their ids, in order. */
+export async function insertOutboxRows(ex: DistributionExecutor, rows: readonly NewOutboxRow[]): Promise<number[]> {
+  const ids: number[] = [];
+  for (const part of chunks(rows)) {
+    const inserted = await ex.insertInto('key_outbox').values(part).returning('id').execute();
+    // a multi-row INSERT takes its serial values in VALUES order; sorting makes that explicit
+    ids.push(...inserted.map((r) => Number(r.id)).sort((a, b) => a - b));
+  }
+  return ids;
 }
 
 // ---------- publishers ----------

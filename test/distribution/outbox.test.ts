@@ -5,7 +5,7 @@
  */
 import { sql } from 'kysely';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { countAwaitingAck, enqueueKeyUpdate, isHeldForAck, listAwaitingAck, successorUnacknowledged } from '../../src/distribution/index.js';
+import { countAwaitingAck, enqueueKeyUpdate, enqueueKeyUpdates, isHeldForAck, listAwaitingAck, successorUnacknowledged, type KeyUpdate } from '../../src/distribution/index.js';
 import { distributionDb } from '../../src/distribution/distribution.tables.js';
 import { call } from '../support/flow.js';
 import { createEnv, enrol, outboxRows, rotate, type Env } from './support.js';
@@ -65,6 +65,44 @@ describe('what each version change writes to the outbox', () => {
       { kind: 'device', field: '', version: 1, state: 'primary', wrappedBy: 1, withKey: false, status: 'pending' },
       { kind: 'device', field: '', version: 2, state: 'disabled', wrappedBy: 1, withKey: false, status: 'pending' },
     ]);
+  });
+
+  it('when a chunk is enqueued at once, then each row is what one-by-one calls write, in the given order', async () => {
+    await enrol(e, ['o-4', 'o-5']);
+    await rotate(e, 'o-4');
+    await rotate(e, 'o-5', undefined, { compromised: true });
+    const updates: KeyUpdate[] = [
+      { deviceId: 'o-4', kind: 'device', version: 2, state: 'primary' },
+      { deviceId: 'o-5', kind: 'device', version: 2, state: 'pending', notBefore: new Date('2026-06-01T00:00:00Z') },
+      { deviceId: 'o-4', kind: 'device', version: 1, state: 'disabled' },
+      { deviceId: 'o-1', kind: 'field', field: 'hr', version: 2, state: 'grace' },
+      { deviceId: 'o-5', kind: 'device', version: 1, state: 'primary' },
+      { deviceId: 'o-3', kind: 'device', version: 1, state: 'primary' },
+    ];
+    // the same updates twice over: first in a fresh outbox state, then with the keys already queued
+    const both = [...updates, ...updates];
+    const written = async (write: (trx: Parameters<typeof enqueueKeyUpdates>[0]) => Promise<unknown>) => {
+      let rows: Awaited<ReturnType<typeof outboxRows>> = [];
+      const before = (await outboxRows(e.t)).length;
+      await e.t.database.db
+        .transaction()
+        .execute(async (trx) => {
+          await write(trx);
+          rows = (await sql<Awaited<ReturnType<typeof outboxRows>>[number]>`select * from key_outbox order by id`.execute(trx)).rows.slice(before);
+          throw new Error('rollback');
+        })
+        .catch(() => {});
+      return rows.map((r) => ({ deviceId: r.device_id, ...pick([r])[0], notBefore: r.not_before }));
+    };
+    await sql`delete from key_outbox where device_id in ('o-4', 'o-5')`.execute(e.t.database.db);
+    const batch = await written((trx) => enqueueKeyUpdates(trx, both));
+    const single = await written(async (trx) => {
+      for (const u of both) await enqueueKeyUpdate(trx, u);
+    });
+    expect(batch).toHaveLength(both.length);
+    expect(batch).toEqual(single);
+    expect(batch.slice(0, 2).map((r) => r.withKey)).toEqual([true, true]);
+    expect(batch.slice(6, 8).map((r) => r.withKey)).toEqual([false, false]);
   });
 
   it('when enqueue runs outside a transaction, or its transaction rolls back, then no row exists', async () => {
