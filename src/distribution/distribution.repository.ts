@@ -416,11 +416,15 @@ export async function countAwaitingAck(ex: DistributionExecutor, groupId: string
  *
  *   .where((eb) => eb.not(successorUnacknowledged({ kind: 'device', deviceId: 'd.device_id', version: 'd.version' })))
  *
- * and for field_versions: `{ kind: 'field', deviceId: 'device_id', field: 'field', version: 'version' }`.
- * Apply it only where the policy asks to wait for acknowledgements.
+ * and for field_versions: `{ kind: 'field', deviceId: 'field_versions.device_id', field: 'field_versions.field', version: 'field_versions.version' }`.
+ * References must be qualified (`table.column` or `alias.column`): unqualified, they would bind
+ * to the subqueries' own tables. Apply it only where the policy asks to wait for acknowledgements.
  */
 export function successorUnacknowledged(ref: { kind: KeyKind; deviceId: string; version: string; field?: string }): RawBuilder<SqlBool> & Expression<SqlBool> {
-  const field = ref.kind === 'device' ? sql`''` : sql.ref(ref.field ?? 'field');
+  for (const column of [ref.deviceId, ref.version, ...(ref.kind === 'field' ? [ref.field ?? ''] : [])]) {
+    if (!/^[A-Za-z_][A-Za-z0-9_]*\.[A-Za-z_][A-Za-z0-9_]*$/.test(column)) throw new Error(`successorUnacknowledged needs qualified column references (got "${column}")`);
+  }
+  const field = ref.kind === 'device' ? sql`''` : sql.ref(ref.field as string);
   const deviceId = sql.ref(ref.deviceId);
   const version = sql.ref(ref.version);
   return sql<SqlBool>`(exists (select 1 from key_outbox so where so.device_id = ${deviceId} and so.kind = ${ref.kind} and so.field = ${field} and so.version > ${version} and so.with_key and so.status <> 'dropped')

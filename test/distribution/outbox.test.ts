@@ -169,4 +169,20 @@ describe('acknowledgement state for rotation debt, rollouts and the grace sweep'
     expect(await listAwaitingAck(ddb(), { deviceIds: ['k-2'] })).toEqual([]);
     expect(await isHeldForAck(ddb(), { deviceId: 'k-2', kind: 'device', version: 2 })).toBe(false);
   });
+
+  it('when the predicate is used on field versions, then it holds exactly the unacknowledged ones; unqualified references are refused', async () => {
+    expect((await call(e.t.app, e.admin, 'POST', '/v1/devices/k-1/fields', { field: 'temp' })).status).toBe(201);
+    expect((await call(e.t.app, e.admin, 'POST', '/v1/devices/k-2/fields', { field: 'temp' })).status).toBe(201);
+    await rotate(e, 'k-1', 'temp');
+    await rotate(e, 'k-2', 'temp');
+    await distributionDb(e.t.database.db).insertInto('key_acks').values({ device_id: 'k-2', kind: 'field', field: 'temp', version: 2, acknowledged_at: new Date() }).execute();
+    const graceFields = await ddb()
+      .selectFrom('field_versions')
+      .select(['field_versions.device_id', 'field_versions.version'])
+      .where('field_versions.state', '=', 'grace')
+      .where((eb) => eb.not(successorUnacknowledged({ kind: 'field', deviceId: 'field_versions.device_id', field: 'field_versions.field', version: 'field_versions.version' })))
+      .execute();
+    expect(graceFields.map((r) => `${r.device_id}:v${r.version}`)).toEqual(['k-2:v1']);
+    expect(() => successorUnacknowledged({ kind: 'field', deviceId: 'device_id', field: 'field', version: 'version' })).toThrow(/qualified/);
+  });
 });
