@@ -70,10 +70,10 @@ describe.skipIf(!available)("the admin's browser: Swagger UI in headless Chromiu
     });
     page.on('pageerror', (error) => consoleErrors.push(error.message));
     await page.exposeFunction('reportCspViolation', (text: string) => cspViolations.push(text));
-    await page.addInitScript(() => {
-      document.addEventListener('securitypolicyviolation', (event) => {
-        (window as unknown as { reportCspViolation(t: string): void }).reportCspViolation(`${event.violatedDirective} ${event.blockedURI} ${event.sourceFile}:${event.lineNumber}:${event.columnNumber}`);
-      });
+    // runs in the page (a string: the test's TypeScript has no DOM types)
+    await page.addInitScript({
+      content: `document.addEventListener('securitypolicyviolation', (e) =>
+        window.reportCspViolation(e.violatedDirective + ' ' + e.blockedURI + ' ' + e.sourceFile + ':' + e.lineNumber + ':' + e.columnNumber));`,
     });
   }, 120_000);
 
