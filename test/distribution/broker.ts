@@ -61,17 +61,29 @@ async function waitForPort(port: number, open: boolean, timeoutMs: number): Prom
   throw new Error(`mosquitto port ${port} did not become ${open ? 'open' : 'closed'} within ${timeoutMs} ms`);
 }
 
-export async function startBroker(): Promise<TestBroker> {
+export interface BrokerTls {
+  caFile: string;
+  certFile: string;
+  keyFile: string;
+  /** mutual TLS: refuse clients without a certificate from caFile */
+  requireClientCert: boolean;
+}
+
+export async function startBroker(options: { tls?: BrokerTls } = {}): Promise<TestBroker> {
   const binary = mosquittoBinary();
   const port = await freePort();
   const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'keystrata-mosquitto-'));
   // run as root, Mosquitto drops to its own user: the state directory must be writable for it
   fs.chmodSync(dir, 0o777);
   const config = path.join(dir, 'mosquitto.conf');
+  const tls = options.tls;
   fs.writeFileSync(
     config,
     [
       `listener ${port} 127.0.0.1`,
+      ...(tls
+        ? [`cafile ${tls.caFile}`, `certfile ${tls.certFile}`, `keyfile ${tls.keyFile}`, `require_certificate ${tls.requireClientCert}`, 'tls_version tlsv1.2']
+        : []),
       'allow_anonymous true',
       'persistence true',
       `persistence_location ${dir}/`,
@@ -129,7 +141,7 @@ export async function startBroker(): Promise<TestBroker> {
 
   await start();
   return {
-    url: `mqtt://127.0.0.1:${port}`,
+    url: `${tls ? 'mqtts' : 'mqtt'}://127.0.0.1:${port}`,
     port,
     start,
     stop,
