@@ -10,6 +10,7 @@ import type { KekProvider } from '../kek/kek.types.js';
 import type { LifecyclePolicyLookup } from '../keys/device-lifecycle.service.js';
 import type { KeyMaterial } from '../keys/key-material.js';
 import { createVersionSweeps, type VersionSweeps } from '../keys/version-sweeps.js';
+import { createComplianceService, type ComplianceService } from './compliance.service.js';
 import { createGroupRotationService, type GroupRotationHooks, type GroupRotationService } from './group-rotation.service.js';
 import { createKekRotationService, type KekRotationHooks, type KekRotationService } from './kek-rotation.service.js';
 import { DAY_MS } from './policy.defaults.js';
@@ -27,6 +28,7 @@ export interface Rotation {
   groupRotation: GroupRotationService;
   status: RotationStatusService;
   runner: RotationRunService;
+  compliance: ComplianceService;
 }
 
 export interface RotationDeps {
@@ -54,7 +56,8 @@ export function createRotation(deps: RotationDeps): Rotation {
   const status = createRotationStatusService({ db, kek, clock, policies });
   const sweeps = deps.sweeps ?? createVersionSweeps({ db, audit, material, clock });
   const runner = createRotationRunService({ db, audit, clock, policies, kekRotation, groupRotation, sweeps, dueWaves: deps.dueWaves });
-  return { policies, kekRotation, groupRotation, status, runner };
+  const compliance = createComplianceService({ db, kek, clock, policies });
+  return { policies, kekRotation, groupRotation, status, runner, compliance };
 }
 
 /** The device lifecycle's policy lookup (grace and destruction waiting period), from the effective policies. */

@@ -162,28 +162,28 @@ export function createKekRotationService(deps: {
         if (options.mode === 'manual') throw new ConflictError('Another KEK rotation or rewrap is running; retry when it has finished', 'rotation_in_progress');
       }
     }
-    const info = await kek.info();
-    const policy = (await policies.effectivePolicy()).kek;
-    const summary: KekRotationSummary = {
-      kekName: kek.keyName,
-      provider: kek.kind,
-      dryRun,
-      status: 'done',
-      due: false,
-      dueAt: null,
-      rotated: false,
-      fromVersion: info.latestVersion,
-      toVersion: info.latestVersion,
-      observedVersions: [],
-      rewrap: { batches: 0, groupKeys: { rewrapped: 0, failed: 0, remaining: 0 }, auditKeys: { rewrapped: 0, failed: 0, remaining: 0 }, failures: [] },
-      minDecryptionVersion: { before: info.minDecryptionVersion, after: info.minDecryptionVersion, raised: false, lowestReferenced: info.latestVersion, blockedBy: null, graceEndsAt: null },
-    };
-    if (!dryRun && !lease) {
-      summary.status = 'skipped';
-      summary.reason = 'another run holds the KEK rotation lease';
-      return summary;
-    }
     try {
+      const info = await kek.info();
+      const policy = (await policies.effectivePolicy()).kek;
+      const summary: KekRotationSummary = {
+        kekName: kek.keyName,
+        provider: kek.kind,
+        dryRun,
+        status: 'done',
+        due: false,
+        dueAt: null,
+        rotated: false,
+        fromVersion: info.latestVersion,
+        toVersion: info.latestVersion,
+        observedVersions: [],
+        rewrap: { batches: 0, groupKeys: { rewrapped: 0, failed: 0, remaining: 0 }, auditKeys: { rewrapped: 0, failed: 0, remaining: 0 }, failures: [] },
+        minDecryptionVersion: { before: info.minDecryptionVersion, after: info.minDecryptionVersion, raised: false, lowestReferenced: info.latestVersion, blockedBy: null, graceEndsAt: null },
+      };
+      if (!dryRun && !lease) {
+        summary.status = 'skipped';
+        summary.reason = 'another run holds the KEK rotation lease';
+        return summary;
+      }
       const { seen, observed } = await seenVersions(who, info, dryRun);
       summary.observedVersions = observed;
       const now = clock.now();

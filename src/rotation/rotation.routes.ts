@@ -115,4 +115,18 @@ export const rotationRoutes: FastifyPluginAsyncTypebox<{ rotation: Rotation }> =
     },
     handler: async (request) => rotation.runner.run(actorOf(request), { dryRun: request.body.dryRun, limit: request.body.limit }),
   });
+
+  app.get('/v1/compliance/cryptoperiods', {
+    config: { scope: 'keystrata:audit:read' },
+    schema: {
+      operationId: 'getCryptoperiods',
+      tags: ['rotation'],
+      summary: 'Cryptoperiod report: per key type the configured periods and every version past them',
+      description:
+        'NIST SP 800-57 / PCI DSS 3.7.4–3.7.5. Originator-usage period: primary + grace (rotation + grace period); recipient-usage period: decrypt_only until the retention ends (KEK: an old version until min_decryption_version passes it, bounded by the KEK grace). Each version is judged by its own group\'s effective policy.',
+      querystring: s.CryptoperiodQuery,
+      response: { 200: s.CryptoperiodReport, ...errorResponses() },
+    },
+    handler: async (request) => rotation.compliance.cryptoperiods({ limit: request.query.limit ?? 100 }),
+  });
 };
