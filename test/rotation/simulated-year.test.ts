@@ -93,7 +93,8 @@ describe('a simulated year', () => {
     // the shredded device: material erased, not delivered any more
     expect(await f.t.database.db.selectFrom('device_versions').select(['state', 'wrapped_key']).where('device_id', '=', 'west-d00050').execute()).toEqual([{ state: 'destroyed', wrapped_key: null }]);
     expect((await call(f.t.app, f.reader, 'GET', '/v1/devices/west-d00050/keys')).status).toBe(410);
-    expect(figures.graceExpired).toBe(figures.deviceRotations); // each old primary left grace after 7 days
+    // each old primary left grace after 7 days (and those of any rollout cron ran)
+    expect(figures.graceExpired).toBeGreaterThanOrEqual(figures.deviceRotations);
     expect(figures.destroyed).toBe(1);
     expect((await events(f, { action: 'group.rotate' })).length).toBe(12);
     expect((await f.t.audit.verify()).ok).toBe(true);
