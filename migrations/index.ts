@@ -10,6 +10,7 @@ import * as versionRestore from './20261121000300_version_restore.js';
 import * as idempotency from './20261121000500_idempotency.js';
 import * as rotationPolicies from './20261121000400_rotation_policies.js';
 import * as distribution from './20261121000600_distribution.js';
+import * as rollouts from './20261121000700_rollouts.js';
 
 export const migrations: Record<string, Migration> = {
   '20261121000100_hierarchy': hierarchy,
@@ -19,4 +20,5 @@ export const migrations: Record<string, Migration> = {
   '20261121000400_rotation_policies': rotationPolicies,
   '20261121000500_idempotency': idempotency,
   '20261121000600_distribution': distribution,
+  '20261121000700_rollouts': rollouts,
 };

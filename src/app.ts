@@ -38,7 +38,7 @@ import { keyRoutes } from './keys/key.routes.js';
 import { createDeviceLifecycleService } from './keys/device-lifecycle.service.js';
 import { lifecycleRoutes } from './keys/lifecycle.routes.js';
 import { createKeyService } from './keys/key.service.js';
-import { createRotation, lifecyclePolicyLookup, rotationRoutes } from './rotation/index.js';
+import { createRotation, lifecyclePolicyLookup, rolloutRoutes, rotationRoutes } from './rotation/index.js';
 
 export interface AppDeps {
   config: Readonly<Config>;
@@ -102,7 +102,7 @@ export async function buildApp(deps: AppDeps): Promise<KeystrataApp> {
     },
   });
   const keys = createKeyService({ db: database.db, material, audit, clock });
-  const rotation = createRotation({ db: database.db, kek, material, audit, clock });
+  const rotation = createRotation({ db: database.db, kek, material, audit, clock, logger: deps.logger, registry: metrics.registry });
   const lifecycle = createDeviceLifecycleService({ db: database.db, material, audit, clock, keys, policy: lifecyclePolicyLookup(rotation.policies) });
   const clients = createClientService({ db: database.db, audit, clock });
   const fetch = createKeyFetchService({
@@ -155,6 +155,7 @@ export async function buildApp(deps: AppDeps): Promise<KeystrataApp> {
   await app.register(keyRoutes, { keys });
   await app.register(lifecycleRoutes, { lifecycle });
   await app.register(rotationRoutes, { rotation });
+  await app.register(rolloutRoutes, { rollouts: rotation.rollouts });
   await app.register(deliveryRoutes, { clients, fetch });
   await app.register(distributionRoutes, { distribution });
   for (const plugin of deps.plugins ?? []) await app.register(plugin);

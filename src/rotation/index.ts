@@ -1,8 +1,9 @@
 /**
  * The rotation module, composed once for the app (app.ts) and the CLI (`keystrata rotate`):
- * policies, KEK rotation, group rotation, rotation debt and the cron entry.
+ * policies, KEK rotation, group rotation, rotation debt, staggered rollouts and the cron entry.
  */
 import type { Kysely } from 'kysely';
+import type { Registry } from 'prom-client';
 import type { AuditSink } from '../audit/audit.types.js';
 import type { Clock } from '../clock.js';
 import type { DB } from '../db/database.js';
@@ -10,15 +11,18 @@ import type { KekProvider } from '../kek/kek.types.js';
 import type { LifecyclePolicyLookup } from '../keys/device-lifecycle.service.js';
 import type { KeyMaterial } from '../keys/key-material.js';
 import { createVersionSweeps, type VersionSweeps } from '../keys/version-sweeps.js';
-import { createComplianceService, type ComplianceService } from './compliance.service.js';
 import { createGroupRotationService, type GroupRotationHooks, type GroupRotationService } from './group-rotation.service.js';
 import { createKekRotationService, type KekRotationHooks, type KekRotationService } from './kek-rotation.service.js';
 import { DAY_MS } from './policy.defaults.js';
 import { createPolicyService, type PolicyService } from './policy.service.js';
+import { createRolloutMetrics } from './rollout.metrics.js';
+import { createRolloutService, type RolloutService, type RolloutServiceDeps } from './rollout.service.js';
 import { createRotationRunService, type DueWaves, type RotationRunService } from './rotation-run.service.js';
 import { createRotationStatusService, type RotationStatusService } from './rotation-status.service.js';
 
 export { rotationRoutes } from './rotation.routes.js';
+export { rolloutRoutes } from './rollout.routes.js';
+export type { RolloutService } from './rollout.service.js';
 export type { EffectivePolicy, PolicyService } from './policy.service.js';
 export type { DueWaves } from './rotation-run.service.js';
 
@@ -28,7 +32,7 @@ export interface Rotation {
   groupRotation: GroupRotationService;
   status: RotationStatusService;
   runner: RotationRunService;
-  compliance: ComplianceService;
+  rollouts: RolloutService;
 }
 
 export interface RotationDeps {
@@ -39,8 +43,14 @@ export interface RotationDeps {
   clock: Clock;
   /** the grace-expiry and destruction sweeps of device and field key versions (built from the deps when left out) */
   sweeps?: VersionSweeps | undefined;
-  /** staggered rollouts (issue 5): the cron entry runs their due waves through this hook */
+  /** the cron entry runs due rollout waves through this hook (default: the rollout service) */
   dueWaves?: DueWaves | undefined;
+  /** rollout tuning (chunk size, workers) and test hooks */
+  rollouts?: Pick<RolloutServiceDeps, 'chunkSize' | 'listStep' | 'workers' | 'failDevice' | 'hooks'> | undefined;
+  /** rollout halts and completions are logged here */
+  logger?: RolloutServiceDeps['logger'];
+  /** the app's metrics registry (rollout metrics); none for the CLI */
+  registry?: Registry | undefined;
   /** items per KEK rewrap call (default 500, at least 250) */
   kekBatchSize?: number | undefined;
   /** device versions per child-rewrap transaction (default 500) */
@@ -55,9 +65,18 @@ export function createRotation(deps: RotationDeps): Rotation {
   const groupRotation = createGroupRotationService({ db, material, audit, clock, chunkSize: deps.childChunkSize, hooks: deps.hooks });
   const status = createRotationStatusService({ db, kek, clock, policies });
   const sweeps = deps.sweeps ?? createVersionSweeps({ db, audit, material, clock });
-  const runner = createRotationRunService({ db, audit, clock, policies, kekRotation, groupRotation, sweeps, dueWaves: deps.dueWaves });
-  const compliance = createComplianceService({ db, kek, clock, policies });
-  return { policies, kekRotation, groupRotation, status, runner, compliance };
+  const rollouts = createRolloutService({
+    db,
+    material,
+    audit,
+    clock,
+    policies,
+    logger: deps.logger,
+    metrics: deps.registry ? createRolloutMetrics(deps.registry) : undefined,
+    ...deps.rollouts,
+  });
+  const runner = createRotationRunService({ db, audit, clock, policies, kekRotation, groupRotation, sweeps, dueWaves: deps.dueWaves ?? rollouts });
+  return { policies, kekRotation, groupRotation, status, runner, rollouts };
 }
 
 /** The device lifecycle's policy lookup (grace and destruction waiting period), from the effective policies. */

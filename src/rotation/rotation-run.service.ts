@@ -5,8 +5,9 @@
  *      minimum decryption version when nothing older is referenced and the grace is over.
  *   2. Groups, page by page: move children still under old group versions (any time); start a
  *      rotation of a due group only inside its maintenance windows; retire old versions.
- *   3. Devices and field keys: staggered rollouts (issue 5) plug in as `dueWaves`; until then the
- *      due ones are reported, not rotated.
+ *   3. Devices and field keys: the due ones are counted; staggered rollouts (`dueWaves`,
+ *      rollout.service.ts) start a rollout per group and level that fell due and rotate the
+ *      due waves of every running rollout, in chunks (new waves only inside maintenance windows).
  *   4. Sweeps: grace expiry and due destructions of device and field key versions.
  *
  * Safe to run twice at once and to kill anywhere: the KEK step holds a lease, a group start
@@ -46,7 +47,17 @@ export interface DueWaves {
     actor: string;
     requestId?: string | undefined;
     canStart(groupId: string): Promise<boolean>;
-  }): Promise<{ waves: number; devices: number; fields: number; more: boolean }>;
+  }): Promise<{
+    waves: number;
+    devices: number;
+    fields: number;
+    failed: number;
+    more: boolean;
+    started: Array<{ rolloutId: string | null; groupId: string; level: 'device' | 'field' }>;
+    halted: Array<{ rolloutId: string; groupId: string; wave: number; rolledBack: boolean }>;
+    /** a rollout whose step failed (the others still ran) */
+    errors: Array<{ rolloutId: string; groupId: string; error: unknown }>;
+  }>;
 }
 
 export interface RotationRunService {
@@ -161,7 +172,7 @@ export function createRotationRunService(deps: {
 
     if (deps.dueWaves) {
       try {
-        summary.devices.rollouts = await deps.dueWaves.runDueWaves({
+        const { errors, ...rollouts } = await deps.dueWaves.runDueWaves({
           now,
           limit,
           dryRun,
@@ -169,6 +180,8 @@ export function createRotationRunService(deps: {
           requestId: who.requestId,
           canStart: async (groupId) => inMaintenanceWindow((await policies.effectivePolicy(groupId)).maintenanceWindows, now),
         });
+        summary.devices.rollouts = { ...rollouts, started: rollouts.started.slice(0, MAX_LISTED), halted: rollouts.halted.slice(0, MAX_LISTED) };
+        for (const e of errors) fail('rollouts', e.error, e.groupId === '-' ? undefined : e.groupId);
       } catch (error) {
         fail('rollouts', error);
       }
@@ -253,6 +266,10 @@ function runDetails(s: RunSummaryView): Record<string, unknown> {
     retired: s.groups.retired.length,
     devicesDue: s.devices.primariesDue,
     fieldKeysDue: s.devices.fieldPrimariesDue,
+    rollouts:
+      s.devices.rollouts === 'not_available'
+        ? null
+        : { started: s.devices.rollouts.started.length, waves: s.devices.rollouts.waves, devices: s.devices.rollouts.devices, failed: s.devices.rollouts.failed, halted: s.devices.rollouts.halted.length },
     graceExpired: s.sweeps.graceExpired ? s.sweeps.graceExpired.devices + s.sweeps.graceExpired.fields : null,
     destroyed: s.sweeps.destroyed ? s.sweeps.destroyed.devices + s.sweeps.destroyed.fields : null,
   };

@@ -1,7 +1,8 @@
 /**
  * Rotation debt of one group (DESIGN §3, GET /v1/groups/{id}/rotation-status): per level the
  * versions in each state, the children still wrapped under old parent versions, and what keeps
- * each old group version from being retired (children, retention, waiting period).
+ * each old group version from being retired (children, retention, waiting period), and per
+ * level the active staggered rollout with the devices still on keys older than its start.
  * Read-only; no key material is read.
  */
 import type { Kysely } from 'kysely';
@@ -16,6 +17,8 @@ import { inMaintenanceWindow } from './maintenance-window.js';
 import { addDays } from './policy.defaults.js';
 import type { PolicyService } from './policy.service.js';
 import * as repo from './rotation.repository.js';
+import * as rollouts from './rollout.repository.js';
+import { rolloutDb } from './rollout.tables.js';
 import { rotationDb, type RotationDB } from './rotation.tables.js';
 import type { RotationStatusView } from './rotation.schemas.js';
 
@@ -81,6 +84,7 @@ export function createRotationStatusService(deps: { db: Kysely<DB>; kek: Pick<Ke
       oldDeviceVersionsWithFields += counts.deviceVersions;
     }
     const dueCounts = due.get(groupId) ?? { devices: 0, fields: 0 };
+    const [deviceRollout, fieldRollout] = await Promise.all((['device', 'field'] as const).map((level) => activeRollout(groupId, level)));
 
     return {
       groupId,
@@ -104,12 +108,27 @@ export function createRotationStatusService(deps: { db: Kysely<DB>; kek: Pick<Ke
         wrappedUnderOldGroupVersions: underOld,
         primariesDueForRotation: dueCounts.devices,
         oldVersionsWithFieldKeys: oldDeviceVersionsWithFields,
+        rollout: deviceRollout ?? null,
       },
       fields: {
         states: stateCounts(fieldStates),
         wrappedUnderOldDeviceVersions: fieldsUnderOld,
         primariesDueForRotation: dueCounts.fields,
+        rollout: fieldRollout ?? null,
       },
+    };
+  }
+
+  /** The level's active rollout and how many devices are still on keys older than its start. */
+  async function activeRollout(groupId: string, level: 'device' | 'field') {
+    const ex = rolloutDb(deps.db);
+    const r = await rollouts.findActiveRollout(ex, groupId, level);
+    if (!r) return undefined;
+    return {
+      rolloutId: r.id,
+      state: r.state as 'running' | 'paused' | 'halted' | 'rolling_back', // findActiveRollout returns only these
+      startedAt: r.started_at.toISOString(),
+      devicesOnOldVersions: await rollouts.countOnOldVersions(ex, r),
     };
   }
 

@@ -191,10 +191,30 @@ export const RunSummary = Type.Object(
         ),
         rollouts: Type.Union(
           [
-            Type.Object({ waves: Count, devices: Count, fields: Count, more: Type.Boolean() }, { additionalProperties: false }),
+            Type.Object(
+              {
+                waves: Type.Integer({ minimum: 0, description: 'waves worked on (dry run: due)' }),
+                devices: Type.Integer({ minimum: 0, description: 'devices rotated, failed, skipped or rolled back (dry run: due)' }),
+                fields: Type.Integer({ minimum: 0, description: 'field key versions created or rewrapped' }),
+                failed: Count,
+                more: Type.Boolean({ description: 'the limit stopped the run with due devices left' }),
+                started: Type.Array(
+                  Type.Object(
+                    { rolloutId: Type.Union([Type.String(), Type.Null()], { description: 'null in a dry run' }), groupId: GroupId, level: Type.Union([Type.Literal('device'), Type.Literal('field')]) },
+                    { additionalProperties: false },
+                  ),
+                  { description: 'rollouts started because their level fell due (at most 100 listed)' },
+                ),
+                halted: Type.Array(
+                  Type.Object({ rolloutId: Type.String(), groupId: GroupId, wave: Type.Integer(), rolledBack: Type.Boolean() }, { additionalProperties: false }),
+                  { description: 'rollouts halted by a wave over its failure threshold in this run' },
+                ),
+              },
+              { additionalProperties: false },
+            ),
             Type.Literal('not_available'),
           ],
-          { description: 'due waves of staggered rollouts (issue 5); `not_available` until rollouts exist: due devices are reported, not rotated' },
+          { description: 'staggered rollouts (GET /v1/rollouts): started when a level falls due, their due waves rotated in chunks; `not_available` without the rollout module' },
         ),
       },
       { additionalProperties: false },
@@ -209,6 +229,22 @@ export const RunSummary = Type.Object(
 export type RunSummaryView = Static<typeof RunSummary>;
 
 // ---------- rotation debt ----------
+
+const ActiveRollout = Type.Union(
+  [
+    Type.Object(
+      {
+        rolloutId: Type.String(),
+        state: Type.Union([Type.Literal('running'), Type.Literal('paused'), Type.Literal('halted'), Type.Literal('rolling_back')]),
+        startedAt: Time,
+        devicesOnOldVersions: Type.Integer({ minimum: 0, description: 'devices not yet on a key (device DEK, or field key) from this rollout' }),
+      },
+      { additionalProperties: false },
+    ),
+    Type.Null(),
+  ],
+  { description: "the level's active staggered rollout (GET /v1/rollouts/{id} for its waves), or null" },
+);
 
 export const RotationStatus = Type.Object(
   {
@@ -267,57 +303,15 @@ export const RotationStatus = Type.Object(
         wrappedUnderOldGroupVersions: Count,
         primariesDueForRotation: Count,
         oldVersionsWithFieldKeys: Type.Integer({ minimum: 0, description: 'non-primary device versions that field key versions are still wrapped under' }),
+        rollout: ActiveRollout,
       },
       { additionalProperties: false },
     ),
     fields: Type.Object(
-      { states: StateCounts, wrappedUnderOldDeviceVersions: Count, primariesDueForRotation: Count },
+      { states: StateCounts, wrappedUnderOldDeviceVersions: Count, primariesDueForRotation: Count, rollout: ActiveRollout },
       { additionalProperties: false },
     ),
   },
   { additionalProperties: false },
 );
 export type RotationStatusView = Static<typeof RotationStatus>;
-
-// ---------- cryptoperiods ----------
-
-export const CryptoperiodQuery = Type.Object(
-  { limit: Type.Optional(Type.Integer({ minimum: 1, maximum: 1000, default: 100, description: 'most overdue versions listed per level (the counts are complete)' })) },
-  { additionalProperties: false },
-);
-
-export const CryptoperiodReport = Type.Object(
-  {
-    at: Time,
-    levels: Type.Array(
-      Type.Object(
-        {
-          level: Type.Union([Type.Literal('kek'), Type.Literal('group'), Type.Literal('device'), Type.Literal('field')]),
-          originatorUsageDays: Type.Integer({ description: 'default policy: how long a version may protect new data (primary + grace; the KEK: while it is the latest)' }),
-          recipientUsageDays: Type.Union([Type.Integer(), Type.Null()], {
-            description: 'default policy: how long a version may only still decrypt (decrypt_only until its retention ends; the KEK: until min_decryption_version passes it); null = unbounded',
-          }),
-          groupsWithOverrides: Type.Integer({ minimum: 0, description: 'groups whose own policy changes these periods (versions are judged by their group\'s policy)' }),
-          pastOriginatorUsage: Count,
-          pastRecipientUsage: Count,
-          overdue: Type.Array(
-            Type.Object(
-              {
-                keyId: Type.String(),
-                version: Type.Integer(),
-                state: VersionState,
-                period: Type.Union([Type.Literal('originator'), Type.Literal('recipient')]),
-                endedAt: Time,
-              },
-              { additionalProperties: false },
-            ),
-            { description: 'versions past a period, oldest first (at most `limit`)' },
-          ),
-        },
-        { additionalProperties: false },
-      ),
-    ),
-  },
-  { additionalProperties: false },
-);
-export type CryptoperiodReportView = Static<typeof CryptoperiodReport>;

@@ -34,7 +34,7 @@ describe('the cron entry', () => {
   it('when nothing is due, then a run changes no key and says it is complete', async () => {
     const summary = await runCron(f);
     expect(summary).toMatchObject({ dryRun: false, complete: true, errors: [], kek: { status: 'done', rotated: false, observedVersions: [1] }, groups: { checked: 2, rotated: [] } });
-    expect(summary.devices).toMatchObject({ primariesDue: 0, rollouts: 'not_available' });
+    expect(summary.devices).toMatchObject({ primariesDue: 0, rollouts: { started: [], waves: 0, devices: 0, more: false } });
     expect(await events(f, { action: 'rotation.run' })).toHaveLength(1);
   });
 
@@ -53,8 +53,16 @@ describe('the cron entry', () => {
       kek: { rotated: true, fromVersion: 1, toVersion: 2, rewrap: { groupKeys: { rewrapped: 2, remaining: 0 }, auditKeys: { rewrapped: 2 } }, minDecryptionVersion: { before: 1, after: 2, raised: true } },
       // 600 devices, one with two versions
       groups: { rotated: [{ groupId: 'north', fromVersion: 1, toVersion: 2 }, { groupId: 'south', fromVersion: 1, toVersion: 2 }], children: { rewrapped: 601, remaining: 0 } },
-      // the one scheduled for destruction is not due for rotation
-      devices: { primariesDue: 599 },
+      // the one scheduled for destruction is not due for rotation; the device level fell due: a rollout per group would start
+      devices: {
+        primariesDue: 599,
+        rollouts: {
+          started: [
+            { rolloutId: null, groupId: 'north', level: 'device' },
+            { rolloutId: null, groupId: 'south', level: 'device' },
+          ],
+        },
+      },
       sweeps: { graceExpired: { devices: 1 }, destroyed: { devices: 1 } },
     });
     expect(JSON.stringify(dry)).not.toMatch(/local:v\d+:/);
@@ -65,25 +73,35 @@ describe('the cron entry', () => {
       errors: [],
       kek: { rotated: true, toVersion: 2, rewrap: { groupKeys: { rewrapped: 2, remaining: 0 } }, minDecryptionVersion: { after: 2, raised: true } },
       groups: dry.groups,
-      devices: { primariesDue: 599 },
+      devices: { primariesDue: 599, rollouts: { started: [{ groupId: 'north', level: 'device' }, { groupId: 'south', level: 'device' }], failed: 0 } },
       sweeps: { graceExpired: { devices: 1 }, destroyed: { devices: 1 } },
     });
     expect(await dumpDatabase(f)).not.toBe(before);
-    // north: 300 device versions with material (one device has two, the destroyed one none), all readable
-    expect((await storedDeviceKeys(f, 'north')).size).toBe(300);
+    // north: 300 device versions with material (one device has two, the destroyed one none) and those
+    // of the rollout's first wave, all readable
+    const rollout = await call(f.t.app, f.admin, 'GET', '/v1/rollouts?groupId=north');
+    const firstWave = (rollout.body.items as Array<{ totals: { done: number } }>)[0]!.totals.done;
+    expect(firstWave).toBeGreaterThan(0);
+    expect((await storedDeviceKeys(f, 'north')).size).toBe(300 + firstWave);
     expect(await f.t.database.db.selectFrom('device_versions').select(['version', 'state']).where('device_id', '=', 'north-d00002').execute()).toEqual([{ version: 1, state: 'destroyed' }]);
     expect(await events(f, { action: 'group.rotate' })).toHaveLength(2);
   });
 
   it('when two runs start at once, then each key rotates once', async () => {
     f.clock.advance(91 * DAY);
+    // every device version with material moves to the new group versions (the rollouts' new ones too)
+    const withMaterial = Number(
+      (await f.t.database.db.selectFrom('device_versions').select((eb) => eb.fn.countAll().as('n')).where('wrapped_key', 'is not', null).executeTakeFirstOrThrow()).n,
+    );
     const [a, b] = await Promise.all([runCron(f), runCron(f)]);
     const rotatedGroups = [...a.groups.rotated, ...b.groups.rotated].map((r) => r.groupId).sort();
     expect(rotatedGroups).toEqual(['north', 'south']);
     expect([a.kek?.rotated, b.kek?.rotated].filter(Boolean)).toHaveLength(1);
     // the other one either found the lease taken ('skipped') or, after it, nothing due
     for (const r of [a, b]) expect(['done', 'skipped']).toContain(r.kek?.status);
-    expect(a.groups.children.rewrapped + b.groups.children.rewrapped).toBe(600); // the destroyed version has nothing to move
+    expect(a.groups.children.rewrapped + b.groups.children.rewrapped).toBe(withMaterial); // the destroyed version has nothing to move
+    expect(a.errors).toEqual([]);
+    expect(b.errors).toEqual([]);
     const versions = await f.t.database.db.selectFrom('group_versions').select(['group_id', 'version', 'state']).where('state', '=', 'primary').orderBy('group_id').execute();
     expect(versions).toEqual([
       { group_id: 'north', version: 3, state: 'primary' },
