@@ -11,6 +11,7 @@ import type { KekProvider } from '../kek/kek.types.js';
 import type { LifecyclePolicyLookup } from '../keys/device-lifecycle.service.js';
 import type { KeyMaterial } from '../keys/key-material.js';
 import { createVersionSweeps, type VersionSweeps } from '../keys/version-sweeps.js';
+import { createComplianceService, type ComplianceService } from './compliance.service.js';
 import { createGroupRotationService, type GroupRotationHooks, type GroupRotationService } from './group-rotation.service.js';
 import { createKekRotationService, type KekRotationHooks, type KekRotationService } from './kek-rotation.service.js';
 import { DAY_MS } from './policy.defaults.js';
@@ -33,6 +34,7 @@ export interface Rotation {
   status: RotationStatusService;
   runner: RotationRunService;
   rollouts: RolloutService;
+  compliance: ComplianceService;
 }
 
 export interface RotationDeps {
@@ -76,7 +78,8 @@ export function createRotation(deps: RotationDeps): Rotation {
     ...deps.rollouts,
   });
   const runner = createRotationRunService({ db, audit, clock, policies, kekRotation, groupRotation, sweeps, dueWaves: deps.dueWaves ?? rollouts });
-  return { policies, kekRotation, groupRotation, status, runner, rollouts };
+  const compliance = createComplianceService({ db, kek, clock, policies });
+  return { policies, kekRotation, groupRotation, status, runner, rollouts, compliance };
 }
 
 /** The device lifecycle's policy lookup (grace and destruction waiting period), from the effective policies. */

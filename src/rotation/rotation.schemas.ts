@@ -315,3 +315,46 @@ export const RotationStatus = Type.Object(
   { additionalProperties: false },
 );
 export type RotationStatusView = Static<typeof RotationStatus>;
+
+// ---------- cryptoperiods ----------
+
+export const CryptoperiodQuery = Type.Object(
+  { limit: Type.Optional(Type.Integer({ minimum: 1, maximum: 1000, default: 100, description: 'most overdue versions listed per level (the counts are complete)' })) },
+  { additionalProperties: false },
+);
+
+export const CryptoperiodReport = Type.Object(
+  {
+    at: Time,
+    levels: Type.Array(
+      Type.Object(
+        {
+          level: Type.Union([Type.Literal('kek'), Type.Literal('group'), Type.Literal('device'), Type.Literal('field')]),
+          originatorUsageDays: Type.Integer({ description: 'default policy: how long a version may protect new data (primary + grace; the KEK: while it is the latest)' }),
+          recipientUsageDays: Type.Union([Type.Integer(), Type.Null()], {
+            description: 'default policy: how long a version may only still decrypt (decrypt_only until its retention ends; the KEK: until min_decryption_version passes it); null = unbounded',
+          }),
+          groupsWithOverrides: Type.Integer({ minimum: 0, description: 'groups whose own policy changes these periods (versions are judged by their group\'s policy)' }),
+          pastOriginatorUsage: Count,
+          pastRecipientUsage: Count,
+          overdue: Type.Array(
+            Type.Object(
+              {
+                keyId: Type.String(),
+                version: Type.Integer(),
+                state: VersionState,
+                period: Type.Union([Type.Literal('originator'), Type.Literal('recipient')]),
+                endedAt: Time,
+              },
+              { additionalProperties: false },
+            ),
+            { description: 'versions past a period, oldest first (at most `limit`)' },
+          ),
+        },
+        { additionalProperties: false },
+      ),
+    ),
+  },
+  { additionalProperties: false },
+);
+export type CryptoperiodReportView = Static<typeof CryptoperiodReport>;
