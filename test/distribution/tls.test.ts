@@ -72,7 +72,8 @@ describe('mutual TLS to the broker', () => {
   });
 
   it('when the client certificate is missing, or the CA is not the broker\'s, then the publisher never connects and the update waits in the outbox', async () => {
-    for (const extra of [{ MQTT_CA_FILE: file('good-ca.pem') }, { MQTT_CA_FILE: file('other-ca.pem'), MQTT_CERT_FILE: file('good-client.pem'), MQTT_KEY_FILE: file('good-client.key') }]) {
+    const cases: Array<Record<string, string>> = [{ MQTT_CA_FILE: file('good-ca.pem') }, { MQTT_CA_FILE: file('other-ca.pem'), MQTT_CERT_FILE: file('good-client.pem'), MQTT_KEY_FILE: file('good-client.key') }];
+    for (const extra of cases) {
       const e = await createEnv({ env: mqttEnv(broker.url, extra) });
       envs.push(e);
       await enrol(e, ['t-2']);
