@@ -675,6 +675,8 @@ export function createAuditService(options: AuditServiceOptions): AuditService {
     }
     await writing;
     await checkpointRunning;
+    // a key still loading holds a database query: let it finish before the database closes
+    await Promise.allSettled([hmacLoading, signingLoading]);
   }
 
   return {

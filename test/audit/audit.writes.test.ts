@@ -208,19 +208,26 @@ describe('audit writes', () => {
 });
 
 describe('audit keys on first use', () => {
-  it('when the first write ever happens inside a transaction, then the keys are created on the spot and it commits', async () => {
+  it('when the first write ever happens inside a transaction, then the keys are created on the spot and it commits (on PGlite, it fails closed once)', async () => {
     const fresh = await createAuditFixture({ init: false });
     try {
-      await fresh.database.db.transaction().execute((trx) => fresh.audit.record(trx, [event('first-ever')]));
+      const write = () => fresh.database.db.transaction().execute((trx) => fresh.audit.record(trx, [event('first-ever')]));
+      if (fresh.database.kind === 'pglite') {
+        // one connection, held by the caller's transaction: the key is created after it, so this one answers 503
+        await expect(write()).rejects.toBeInstanceOf(UnavailableError);
+        await expect.poll(async () => (await fresh.database.db.selectFrom('audit_keys').select('purpose').execute()).length, { timeout: 5000 }).toBe(1);
+      }
+      await write();
       expect(await fresh.audit.verify()).toMatchObject({ ok: true, checked: 1 });
     } finally {
       await fresh.close();
     }
   });
 
-  it('when a burst of first writes holds every pooled connection, then they fail closed within about a second instead of hanging, and later writes succeed', async () => {
+  it('when a burst of first writes holds every pooled connection, then they fail closed within about a second instead of hanging, and later writes succeed', async (context) => {
     const fresh = await createAuditFixture({ init: false });
     try {
+      if (fresh.database.kind === 'pglite') context.skip(); // one connection: covered by the test above
       const db = fresh.database.db;
       const started = Date.now();
       const results = await Promise.allSettled(
