@@ -207,7 +207,10 @@ export async function listWaveDevices(
   ex: RolloutExecutor,
   q: { rolloutId: string; groupId: string; wave: number; level: RolloutLevel; field: string | null; from: number; to: number; now: Date },
 ): Promise<number> {
-  const range = q.from === 0 && q.to === BUCKETS ? sql`` : sql`and keystrata_rollout_bucket(d.id) >= ${q.from} and keystrata_rollout_bucket(d.id) < ${q.to}`;
+  const sweep = q.from === 0 && q.to === BUCKETS;
+  const range = sweep ? sql`` : sql`and keystrata_rollout_bucket(d.id) >= ${q.from} and keystrata_rollout_bucket(d.id) < ${q.to}`;
+  // a device is in exactly one wave by its bucket: only the sweep can meet devices already listed
+  const notListed = sweep ? sql`and not exists (select 1 from rollout_items i where i.rollout_id = ${q.rolloutId} and i.device_id = d.id)` : sql``;
   const withFields =
     q.level === 'field'
       ? sql`and exists (select 1 from field_versions f where f.device_id = d.id and f.state = 'primary' ${q.field === null ? sql`` : sql`and f.field = ${q.field}`})`
@@ -216,8 +219,7 @@ export async function listWaveDevices(
     insert into rollout_items (rollout_id, device_id, wave, status, updated_at)
     select ${q.rolloutId}, d.id, ${q.wave}, 'pending', ${q.now}::timestamptz
       from devices d
-     where d.group_id = ${q.groupId} ${range} ${withFields}
-       and not exists (select 1 from rollout_items i where i.rollout_id = ${q.rolloutId} and i.device_id = d.id)
+     where d.group_id = ${q.groupId} ${range} ${withFields} ${notListed}
     on conflict (rollout_id, device_id) do nothing`.execute(ex);
   return Number(result.numAffectedRows ?? 0);
 }

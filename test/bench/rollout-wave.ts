@@ -1,0 +1,201 @@
+/**
+ * One rollout wave over a whole group on real PostgreSQL:
+ *
+ *   npx tsx test/bench/rollout-wave.ts [--devices 100000] [--fields 0] [--chunk 1000] [--workers 2] [--keep]
+ *
+ * Creates a scratch database on BENCH_DATABASE_URL (or TEST_DATABASE_URL, or the machine's
+ * 127.0.0.1:5432), migrates it, creates a group and enrols `--devices` devices directly (fast
+ * path: device DEKs generated and wrapped in Node, rows written with multi-row `unnest` INSERTs
+ * of 10,000; no enrolment audit events), `--fields` of them (a fraction, 0..1) with one field key.
+ * Then it starts a device-level rollout at 100 % a day (one wave) and runs the cron hook once over
+ * all of it, as `POST /v1/rotation/run` would (listing the wave, chunks in FOR UPDATE SKIP LOCKED
+ * transactions, audit events, outbox rows), and prints devices/s and the peak RSS of this process
+ * (`process.resourceUsage().maxRSS`), checks every device was rotated exactly once, and drops the
+ * database (unless --keep). Last line: `BENCH_RESULT {...}` for the benchmark runner.
+ */
+import crypto from 'node:crypto';
+import os from 'node:os';
+import { parseArgs } from 'node:util';
+import { sql } from 'kysely';
+import pg from 'pg';
+import { createAuditService } from '../../src/audit/audit.service.js';
+import { systemClock } from '../../src/clock.js';
+import { generateKey, wrapKey } from '../../src/crypto/aead.js';
+import { deviceBinding, fieldBinding } from '../../src/crypto/binding.js';
+import { createPostgresDatabase } from '../../src/db/database.js';
+import { migrateToLatest } from '../../src/db/migrator.js';
+import { createLocalKekProvider } from '../../src/kek/local.provider.js';
+import { createKeyCache } from '../../src/keys/key-cache.js';
+import { createKeyMaterial } from '../../src/keys/key-material.js';
+import { createKeyService } from '../../src/keys/key.service.js';
+import { createPolicyService } from '../../src/rotation/policy.service.js';
+import { createRolloutService } from '../../src/rotation/rollout.service.js';
+
+const { values: args } = parseArgs({
+  options: {
+    devices: { type: 'string', default: '100000' },
+    fields: { type: 'string', default: '0' },
+    chunk: { type: 'string', default: '1000' },
+    workers: { type: 'string', default: '2' },
+    keep: { type: 'boolean', default: false },
+  },
+});
+const devices = Number(args.devices);
+const fieldShare = Number(args.fields);
+const chunkSize = Number(args.chunk);
+const workers = Number(args.workers);
+const adminUrl = process.env.BENCH_DATABASE_URL ?? process.env.TEST_DATABASE_URL ?? 'postgres://postgres@127.0.0.1:5432/postgres';
+const name = `ks_bench_rollout_${crypto.randomBytes(4).toString('hex')}`;
+const ENROL_BATCH = 10_000;
+const GROUP = 'bench-fleet';
+const MB = 1024 * 1024;
+
+async function admin(statement: string): Promise<void> {
+  const client = new pg.Client({ connectionString: adminUrl });
+  await client.connect();
+  try {
+    await client.query(statement);
+  } finally {
+    await client.end();
+  }
+}
+
+/** RSS sampled every 100 ms besides the kernel's own peak (maxRSS), to see where memory goes. */
+function watchMemory(): { stop(): { maxRssMb: number; sampledPeakMb: number } } {
+  let peak = 0;
+  const timer = setInterval(() => {
+    peak = Math.max(peak, process.memoryUsage.rss());
+  }, 100);
+  return {
+    stop() {
+      clearInterval(timer);
+      return { maxRssMb: process.resourceUsage().maxRSS / 1024, sampledPeakMb: peak / MB };
+    },
+  };
+}
+
+async function main(): Promise<void> {
+  if (!Number.isInteger(devices) || devices < 1 || !(fieldShare >= 0 && fieldShare <= 1)) throw new Error('usage: --devices N (>= 1) --fields F (0..1)');
+  await admin(`create database "${name}"`);
+  const url = new URL(adminUrl);
+  url.pathname = `/${name}`;
+  const database = createPostgresDatabase(url.toString(), 10);
+  const db = database.db;
+  const logger = { info() {}, warn() {}, error: (obj: unknown, msg?: string) => console.error(msg, obj) };
+  try {
+    await migrateToLatest(db);
+    const kek = createLocalKekProvider({ db, rootKey: crypto.randomBytes(32), dataDir: os.tmpdir(), keyName: 'bench-kek', logger: { warn() {} } });
+    await kek.init();
+    const audit = createAuditService({ db, kek, clock: systemClock });
+    await audit.init();
+    const material = createKeyMaterial({ kek, cache: createKeyCache({ ttlSeconds: 3600, maxEntries: 10_000 }) });
+    const keys = createKeyService({ db, material, audit, clock: systemClock });
+    await keys.createGroup({ actor: 'bench' }, { id: GROUP, deviceType: 'meter', region: 'eu' });
+    const groupRow = await db.selectFrom('group_versions').select(['version', 'wrapped_key']).where('group_id', '=', GROUP).executeTakeFirstOrThrow();
+    const groupKey = await material.groupKey(GROUP, groupRow.version, groupRow.wrapped_key);
+
+    // ---- enrolment (fast path) ----
+    let started = performance.now();
+    const now = new Date();
+    let withFields = 0;
+    for (let from = 0; from < devices; from += ENROL_BATCH) {
+      const ids = Array.from({ length: Math.min(ENROL_BATCH, devices - from) }, (_, i) => `meter-${String(from + i).padStart(8, '0')}`);
+      const wrapped: Buffer[] = [];
+      const fieldIds: string[] = [];
+      const fieldWraps: Buffer[] = [];
+      for (const id of ids) {
+        const key = generateKey();
+        wrapped.push(wrapKey(groupKey, key, deviceBinding(id, 1, GROUP, groupRow.version)));
+        // a deterministic share of the devices gets one field key, wrapped under device v1
+        if (fieldShare > 0 && crypto.createHash('sha1').update(id).digest().readUInt16BE(0) / 65_536 < fieldShare) {
+          const fieldKey = generateKey();
+          fieldIds.push(id);
+          fieldWraps.push(wrapKey(key, fieldKey, fieldBinding(id, 'reading', 1, 1)));
+          fieldKey.fill(0);
+        }
+        key.fill(0);
+      }
+      await db.transaction().execute(async (trx) => {
+        await sql`insert into devices (id, group_id, created_at) select u.id, ${GROUP}, ${now}::timestamptz from unnest(${ids}::text[]) as u(id)`.execute(trx);
+        await sql`
+          insert into device_versions (device_id, version, state, wrapped_key, parent_version, created_at, state_changed_at)
+          select u.id, 1, 'primary', u.w, ${groupRow.version}, ${now}::timestamptz, ${now}::timestamptz from unnest(${ids}::text[], ${wrapped}::bytea[]) as u(id, w)`.execute(trx);
+        if (fieldIds.length > 0) {
+          await sql`insert into field_keys (device_id, field, created_at) select u.id, 'reading', ${now}::timestamptz from unnest(${fieldIds}::text[]) as u(id)`.execute(trx);
+          await sql`
+            insert into field_versions (device_id, field, version, state, wrapped_key, parent_version, created_at, state_changed_at)
+            select u.id, 'reading', 1, 'primary', u.w, 1, ${now}::timestamptz, ${now}::timestamptz from unnest(${fieldIds}::text[], ${fieldWraps}::bytea[]) as u(id, w)`.execute(trx);
+        }
+      });
+      withFields += fieldIds.length;
+    }
+    groupKey.fill(0);
+    // statistics for the fleet's tables only: analyzing the nearly empty audit_events now would
+    // give its insert trigger's predecessor lookup a sequential-scan plan for the whole run
+    await sql`analyze devices, device_versions, field_keys, field_versions`.execute(db);
+    const enrolSeconds = (performance.now() - started) / 1000;
+    console.log(`enrol : ${devices} devices (${withFields} with a field key) in ${enrolSeconds.toFixed(1)} s`);
+
+    // ---- one wave over all of them ----
+    const policies = createPolicyService({ db, audit, clock: systemClock });
+    let firstChunkAt: number | undefined;
+    let chunks = 0;
+    const rollouts = createRolloutService({
+      db,
+      material,
+      audit,
+      clock: systemClock,
+      policies,
+      logger,
+      chunkSize,
+      workers,
+      hooks: {
+        afterChunk: () => {
+          chunks += 1;
+          firstChunkAt ??= performance.now();
+        },
+      },
+    });
+    const rollout = await rollouts.start({ actor: 'bench' }, { groupId: GROUP, level: 'device', percentPerDay: 100, waveIntervalSeconds: 86_400 });
+    const memory = watchMemory();
+    started = performance.now();
+    const result = await rollouts.runDueWaves({ now: new Date(), limit: devices * 2, dryRun: false, actor: 'bench', canStart: async () => true });
+    const waveSeconds = (performance.now() - started) / 1000;
+    const { maxRssMb, sampledPeakMb } = memory.stop();
+    if (result.errors.length > 0) throw result.errors[0]!.error;
+    const listSeconds = firstChunkAt === undefined ? 0 : (firstChunkAt - started) / 1000;
+
+    // ---- checks: every device rotated exactly once ----
+    const view = await rollouts.get(rollout.id);
+    const { rows } = await sql<{ versions: number; primaries_v2: number; graces: number; outbox: number }>`
+      select (select count(*) from device_versions) as versions,
+             (select count(*) from device_versions where state = 'primary' and version = 2) as primaries_v2,
+             (select count(*) from device_versions where state = 'grace' and version = 1) as graces,
+             (select count(*) from key_outbox where kind = 'device' and version = 2) as outbox`.execute(db);
+    const check = rows[0]!;
+    const ok = view.state === 'completed' && view.totals.done === devices && check.versions === 2 * devices && check.primaries_v2 === devices && check.graces === devices && check.outbox === devices;
+    const rate = devices / waveSeconds;
+    console.log(
+      `wave  : ${result.devices} devices in ${waveSeconds.toFixed(1)} s = ${Math.round(rate)} devices/s ` +
+        `(listing ${listSeconds.toFixed(1)} s, ${chunks} chunks of ${chunkSize}, ${workers} workers, ${result.fields} field keys rewrapped)`,
+    );
+    console.log(`memory: peak RSS ${maxRssMb.toFixed(0)} MB (maxRSS of the process, enrolment included); sampled during the wave ${sampledPeakMb.toFixed(0)} MB`);
+    console.log(`check : ${ok ? 'every device rotated exactly once (v1 grace, v2 primary, one outbox row each)' : `FAILED ${JSON.stringify({ state: view.state, totals: view.totals, ...check })}`}`);
+    console.log(`host  : ${os.cpus().length} CPUs, load ${os.loadavg().map((l) => l.toFixed(1)).join(' ')}, Node ${process.version}`);
+    console.log(
+      `BENCH_RESULT ${JSON.stringify({ devices, withFields, chunkSize, workers, enrolSeconds, waveSeconds, listSeconds, devicesPerSecond: rate, maxRssMb, sampledPeakMb, ok })}`,
+    );
+    await audit.close();
+    await kek.close();
+    if (!ok) process.exitCode = 1;
+  } finally {
+    await database.close();
+    if (!args.keep) await admin(`drop database if exists "${name}" with (force)`);
+    else console.log(`kept database ${name}`);
+  }
+}
+
+main().catch((error: unknown) => {
+  console.error(error);
+  process.exit(1);
+});
