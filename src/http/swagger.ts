@@ -32,9 +32,10 @@ export async function registerSwagger(app: FastifyInstance): Promise<void> {
     // name shared schemas by their $id (e.g. #/components/schemas/Problem) instead of def-N
     refResolver: { buildLocalReference: (json, _baseUri, _fragment, i) => (typeof json.$id === 'string' ? json.$id : `def-${i}`) },
   });
+  // persistAuthorization stays off: it would keep an admin's bearer token in localStorage.
   await app.register(swaggerUi, {
     routePrefix: '/docs',
-    uiConfig: { persistAuthorization: true, docExpansion: 'list', deepLinking: true, tryItOutEnabled: true },
+    uiConfig: { persistAuthorization: false, docExpansion: 'list', deepLinking: true, tryItOutEnabled: true },
     staticCSP: true,
   });
 }
