@@ -44,6 +44,7 @@ export interface RolloutView {
   id: string;
   groupId: string;
   level: string;
+  field: string | null;
   state: string;
   reason: string;
   waveCount: number;
