@@ -207,6 +207,53 @@ export function auditKeyBinding(purpose: AuditKeyPurpose, version: number, kekNa
   return ['keystrata:v1', 'audit-key', purpose, version, 'kek', kekName, '-'].join('|');
 }
 
+function toHmacKey(material: Buffer): KeyObject {
+  try {
+    if (material.length !== HMAC_KEY_BYTES) throw new Error('The stored audit HMAC key has the wrong length');
+    return crypto.createSecretKey(material);
+  } finally {
+    material.fill(0);
+  }
+}
+
+async function toSigningKey(pkcs8: Buffer): Promise<SigningKey> {
+  let privateKey: KeyObject;
+  try {
+    privateKey = crypto.createPrivateKey({ key: pkcs8, format: 'der', type: 'pkcs8' });
+  } finally {
+    pkcs8.fill(0);
+  }
+  if (privateKey.asymmetricKeyType !== 'ed25519') throw new Error('The stored checkpoint key is not an Ed25519 key');
+  const publicKey = crypto.createPublicKey(privateKey);
+  const { x } = publicKey.export({ format: 'jwk' });
+  if (typeof x !== 'string') throw new Error('The checkpoint public key could not be exported');
+  const kid = await calculateJwkThumbprint({ kty: 'OKP', crv: 'Ed25519', x });
+  return { privateKey, publicKey, publicJwk: { kty: 'OKP', crv: 'Ed25519', x, kid, alg: CHECKPOINT_ALG, use: 'sig' } };
+}
+
+/** A value loaded once and shared by concurrent callers; after a failure the next call loads again. */
+function loadOnce<T>(load: () => Promise<T>): { readonly value: T | undefined; readonly loading: Promise<T> | undefined; get(): Promise<T> } {
+  let value: T | undefined;
+  let loading: Promise<T> | undefined;
+  return {
+    get value() {
+      return value;
+    },
+    get loading() {
+      return loading;
+    },
+    get() {
+      if (value !== undefined) return Promise.resolve(value);
+      loading ??= load()
+        .then((loaded) => (value = loaded))
+        .finally(() => {
+          loading = undefined;
+        });
+      return loading;
+    },
+  };
+}
+
 export function createAuditService(options: AuditServiceOptions): AuditService {
   const { db, kek, clock } = options;
   const logger = options.logger ?? silentLogger;
@@ -236,28 +283,10 @@ export function createAuditService(options: AuditServiceOptions): AuditService {
     return kek.unwrap(row.wrappedKey, binding);
   }
 
-  function toHmacKey(material: Buffer): KeyObject {
-    try {
-      if (material.length !== HMAC_KEY_BYTES) throw new Error('The stored audit HMAC key has the wrong length');
-      return crypto.createSecretKey(material);
-    } finally {
-      material.fill(0);
-    }
-  }
-
-  let hmacKey: KeyObject | undefined;
-  let hmacLoading: Promise<KeyObject> | undefined;
-
-  /** Through `db` (its own connection), shared by concurrent callers; retried after a failure. */
-  function loadHmacKey(): Promise<KeyObject> {
-    if (hmacKey) return Promise.resolve(hmacKey);
-    hmacLoading ??= loadOrCreateKey('hmac', () => crypto.randomBytes(HMAC_KEY_BYTES))
-      .then((material) => (hmacKey = toHmacKey(material)))
-      .finally(() => {
-        hmacLoading = undefined;
-      });
-    return hmacLoading;
-  }
+  const hmacKey = loadOnce(async () => toHmacKey(await loadOrCreateKey('hmac', () => crypto.randomBytes(HMAC_KEY_BYTES))));
+  const signingKey = loadOnce(async () =>
+    toSigningKey(await loadOrCreateKey('checkpoint', () => crypto.generateKeyPairSync('ed25519').privateKey.export({ format: 'der', type: 'pkcs8' }))),
+  );
 
   /**
    * The HMAC key for a write on `executor`. Outside a transaction: load it (creating it on first
@@ -269,8 +298,8 @@ export function createAuditService(options: AuditServiceOptions): AuditService {
    * keeps every request off this path.
    */
   async function hmacKeyFor(executor: Executor): Promise<KeyObject> {
-    if (hmacKey) return hmacKey;
-    const loading = loadHmacKey();
+    if (hmacKey.value) return hmacKey.value;
+    const loading = hmacKey.get();
     if (!executor.isTransaction) return loading;
     let timer: NodeJS.Timeout | undefined;
     const timeout = new Promise<never>((_, reject) => {
@@ -281,35 +310,6 @@ export function createAuditService(options: AuditServiceOptions): AuditService {
     } finally {
       clearTimeout(timer);
     }
-  }
-
-  let signingKey: SigningKey | undefined;
-  let signingLoading: Promise<SigningKey> | undefined;
-
-  function loadSigningKey(): Promise<SigningKey> {
-    if (signingKey) return Promise.resolve(signingKey);
-    signingLoading ??= loadOrCreateKey('checkpoint', () =>
-      crypto.generateKeyPairSync('ed25519').privateKey.export({ format: 'der', type: 'pkcs8' }),
-    )
-      .then(async (der) => {
-        let privateKey: KeyObject;
-        try {
-          privateKey = crypto.createPrivateKey({ key: der, format: 'der', type: 'pkcs8' });
-        } finally {
-          der.fill(0);
-        }
-        if (privateKey.asymmetricKeyType !== 'ed25519') throw new Error('The stored checkpoint key is not an Ed25519 key');
-        const publicKey = crypto.createPublicKey(privateKey);
-        const { x } = publicKey.export({ format: 'jwk' });
-        if (typeof x !== 'string') throw new Error('The checkpoint public key could not be exported');
-        const kid = await calculateJwkThumbprint({ kty: 'OKP', crv: 'Ed25519', x });
-        signingKey = { privateKey, publicKey, publicJwk: { kty: 'OKP', crv: 'Ed25519', x, kid, alg: CHECKPOINT_ALG, use: 'sig' } };
-        return signingKey;
-      })
-      .finally(() => {
-        signingLoading = undefined;
-      });
-    return signingLoading;
   }
 
   // ---- appending ----
@@ -392,7 +392,7 @@ export function createAuditService(options: AuditServiceOptions): AuditService {
 
   async function commitBatch(batch: Waiter[]): Promise<void> {
     try {
-      const key = await loadHmacKey();
+      const key = await hmacKey.get();
       await db.transaction().execute((trx) => append(trx, key, batch.flatMap((w) => w.events)));
       for (const waiter of batch) waiter.resolve();
     } catch (error) {
@@ -409,7 +409,7 @@ export function createAuditService(options: AuditServiceOptions): AuditService {
   }
 
   async function createCheckpoint(): Promise<Checkpoint> {
-    const signer = await loadSigningKey();
+    const signer = await signingKey.get();
     const head = await repo.readHead(db);
     if (!head) throw new Error('The audit chain head row is missing');
     const signedAt = clock.now();
@@ -450,7 +450,7 @@ export function createAuditService(options: AuditServiceOptions): AuditService {
     if (fromPosition !== undefined && (!Number.isSafeInteger(fromPosition) || fromPosition < 1)) {
       throw new BadRequestError('fromPosition must be an integer ≥ 1', { field: 'fromPosition' });
     }
-    const [key, signer] = await Promise.all([loadHmacKey(), loadSigningKey()]);
+    const [key, signer] = await Promise.all([hmacKey.get(), signingKey.get()]);
     const head = await repo.readHead(db);
     const base = { checked: 0, checkpointsChecked: 0, headPosition: head?.position ?? 0 };
     if (!head) return { ...base, ok: false, fromPosition: 1, firstBadPosition: 1, reason: 'head_missing', detail: 'the chain-head row is missing' };
@@ -473,11 +473,11 @@ export function createAuditService(options: AuditServiceOptions): AuditService {
     const result = { ...base, fromPosition: start };
     const broken = (position: number, reason: VerifyFailure, detail: string): VerifyResult => ({ ...result, ok: false, firstBadPosition: position, reason, detail });
 
-    let prevHash = GENESIS_HASH;
+    let prevHex = GENESIS_HASH.toString('hex');
     if (start > 1) {
       const before = await repo.hashAt(db, start - 1);
       if (!before) return broken(start - 1, 'missing_event', `event ${start - 1} (before the starting point) is missing`);
-      prevHash = before;
+      prevHex = before.toString('hex');
     }
 
     // signed checkpoints on the way must match the events they name; one beyond the head means a truncated chain
@@ -494,7 +494,6 @@ export function createAuditService(options: AuditServiceOptions): AuditService {
     }
 
     let expected = start;
-    let prevHex = prevHash.toString('hex');
     const fetchPage = (from: number) => repo.selectChainPage(db, from, Math.min(from + verifyPageSize - 1, head.position));
     let page = start <= head.position ? fetchPage(start) : undefined;
     try {
@@ -615,7 +614,7 @@ export function createAuditService(options: AuditServiceOptions): AuditService {
     const before = decodeCursor(listOptions.cursor, isBefore);
     if (listOptions.cursor !== undefined && before === undefined) throw new BadRequestError('The cursor is invalid', { field: 'cursor' });
     // the exported key is derived from the unwrapped private key, never read from a table
-    const signer = await loadSigningKey();
+    const signer = await signingKey.get();
     const rows = await repo.listCheckpoints(db, before?.before, limit + 1);
     const items = rows.slice(0, limit).map(toCheckpoint);
     const last = items.at(-1);
@@ -676,14 +675,14 @@ export function createAuditService(options: AuditServiceOptions): AuditService {
     await writing;
     await checkpointRunning;
     // a key still loading holds a database query: let it finish before the database closes
-    await Promise.allSettled([hmacLoading, signingLoading]);
+    await Promise.allSettled([hmacKey.loading, signingKey.loading]);
   }
 
   return {
     record,
     recordRead,
     async init() {
-      await Promise.all([loadHmacKey(), loadSigningKey()]);
+      await Promise.all([hmacKey.get(), signingKey.get()]);
     },
     verify,
     createCheckpoint,
