@@ -9,6 +9,7 @@ import { ConfigError, loadConfig, SETTINGS } from './config.js';
 import { migrateToLatest } from './db/migrator.js';
 import { createLogger } from './logger.js';
 import { createRuntime, openDatabase } from './runtime.js';
+import { runAuditVerify } from './audit/audit.cli.js';
 import { ROTATE_USAGE, rotateCommand } from './rotation/rotation.cli.js';
 
 const USAGE = `Usage: keystrata <command>
@@ -17,7 +18,8 @@ Commands:
   migrate                      apply pending database migrations
   token --scope S [--scope S2] [--groups a,b] [--sub ID] [--ttl 1h]
                                print a development token (embedded default only)
-  audit verify [--from N]      verify the audit hash chain (exit 1 when broken)
+  audit verify [--from N | --from-checkpoint ID] [--json]
+                               verify the audit hash chain (exit 1 when broken)
 ${ROTATE_USAGE}
 
 Scopes: keystrata:admin, keystrata:keys:read, keystrata:rotate, keystrata:audit:read
@@ -80,13 +82,9 @@ async function main(argv: string[]): Promise<number> {
         process.stderr.write(USAGE);
         return 2;
       }
-      const { values } = parseArgs({ args: argv.slice(2), options: { from: { type: 'string' } }, strict: true });
       const runtime = await createRuntime(config, logger);
       try {
-        const fromPosition = values.from !== undefined ? Number(values.from) : undefined;
-        const result = await runtime.audit.verify(fromPosition !== undefined ? { fromPosition } : {});
-        process.stdout.write(`${JSON.stringify(result, null, 2)}\n`);
-        return result.ok ? 0 : 1;
+        return await runAuditVerify({ audit: runtime.audit, args: argv.slice(2), stdout: process.stdout, stderr: process.stderr });
       } finally {
         await runtime.close();
       }

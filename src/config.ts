@@ -34,6 +34,7 @@ export interface Config {
   };
   keyCache: { ttlSeconds: number; maxEntries: number };
   bodyLimitBytes: number;
+  auditCheckpointIntervalSeconds: number;
   /** per-IP (unauthenticated) and per-client (token `sub`) request budgets; see http/rate-limit.ts */
   rateLimit: { enabled: boolean; windowSeconds: number; perIpMax: number; perClientMax: number };
   /** Fastify `trustProxy`: false, true, or the proxies' addresses/CIDRs */
@@ -75,6 +76,7 @@ export const SETTINGS: ReadonlyArray<{ name: string; default: string; meaning: s
   { name: 'AUTH_CLOCK_TOLERANCE_SECONDS', default: '30', meaning: 'allowed clock skew when checking exp/nbf' },
   { name: 'KEY_CACHE_TTL_SECONDS', default: '3600', meaning: 'how long unwrapped parent keys stay in memory' },
   { name: 'KEY_CACHE_MAX_ENTRIES', default: '100000', meaning: 'size bound of the unwrapped parent key cache' },
+  { name: 'AUDIT_CHECKPOINT_INTERVAL_SECONDS', default: '3600', meaning: 'how often the server signs an audit checkpoint (only when the chain grew)' },
   { name: 'BODY_LIMIT_BYTES', default: '1048576', meaning: 'largest accepted request body' },
   { name: 'RATE_LIMIT_ENABLED', default: 'true', meaning: 'answer 429 beyond the per-IP and per-client budgets (in memory: each replica counts on its own)' },
   { name: 'RATE_LIMIT_WINDOW_SECONDS', default: '60', meaning: 'length of one rate-limit window' },
@@ -181,6 +183,7 @@ export function loadConfig(env: Env = process.env): Readonly<Config> {
       maxEntries: int('KEY_CACHE_MAX_ENTRIES', 100_000, 1, 10_000_000),
     },
     bodyLimitBytes: int('BODY_LIMIT_BYTES', 1_048_576, 1024, 64 * 1_048_576),
+    auditCheckpointIntervalSeconds: int('AUDIT_CHECKPOINT_INTERVAL_SECONDS', 3600, 10, 7 * 86_400),
     rateLimit: {
       enabled: bool('RATE_LIMIT_ENABLED', true),
       windowSeconds: int('RATE_LIMIT_WINDOW_SECONDS', 60, 1, 86_400),

@@ -29,7 +29,7 @@ export async function openDatabase(config: Readonly<Config>, logger: Logger): Pr
   return createPgliteDatabase(config.dataDir);
 }
 
-export async function createRuntime(config: Readonly<Config>, logger: Logger, options: { migrate?: boolean; clock?: Clock } = {}): Promise<Runtime> {
+export async function createRuntime(config: Readonly<Config>, logger: Logger, options: { migrate?: boolean; clock?: Clock; /** sign audit checkpoints periodically (the server) */ checkpoints?: boolean } = {}): Promise<Runtime> {
   const clock = options.clock ?? systemClock;
   const database = await openDatabase(config, logger);
   try {
@@ -40,7 +40,14 @@ export async function createRuntime(config: Readonly<Config>, logger: Logger, op
     }
     const kek = await createKekProvider(config, { db: database.db, logger });
     await kek.init();
-    const audit = createAuditService({ db: database.db, kek, clock, logger });
+    const audit = createAuditService({
+      db: database.db,
+      kek,
+      clock,
+      logger,
+      ...(options.checkpoints ? { checkpointIntervalMs: config.auditCheckpointIntervalSeconds * 1000 } : {}),
+    });
+    await audit.init();
     if (config.auth.jwksUrl === undefined) {
       logger.warn('AUTH_JWKS_URL is not set: tokens are verified against the local development issuer (`keystrata token`)');
     }

@@ -19,7 +19,7 @@ async function main(): Promise<void> {
   }
   const logger = createLogger(config.logLevel);
   const https = loadHttpsOptions(config.tls); // unreadable certificate files fail the start before anything opens
-  const runtime = await createRuntime(config, logger);
+  const runtime = await createRuntime(config, logger, { checkpoints: true });
   const app = await buildApp({
     ...runtime,
     https,

@@ -55,6 +55,7 @@ export async function createTestApp(
     : createLocalKekProvider({ db: database.db, rootKey: crypto.randomBytes(32), dataDir, keyName: config.kekName, logger });
   await kek.init();
   const audit = createAuditService({ db: database.db, kek, clock, logger });
+  await audit.init();
   const authenticator = await createAuthenticator({ ...config.auth, dataDir });
   const issuer = await loadOrCreateDevIssuer(dataDir);
   const app = await buildApp({
