@@ -32,6 +32,7 @@ import { registerRouteTable } from './http/route-table.js';
 import './http/request-context.js';
 import { kekRoutes } from './kek/kek.routes.js';
 import type { KekProvider } from './kek/kek.types.js';
+import { registerKekCircuitMetrics } from './kek/circuit-breaker.js';
 import { createKeyCache } from './keys/key-cache.js';
 import { createKeyMaterial } from './keys/key-material.js';
 import { keyRoutes } from './keys/key.routes.js';
@@ -91,6 +92,7 @@ export async function buildApp(deps: AppDeps): Promise<KeystrataApp> {
   const cache = createKeyCache(config.keyCache);
   const metrics = createMetrics({ auditChainLength: async () => (audit.chainLength ? audit.chainLength() : 0), cacheStats: () => cache.stats() });
   registerMetrics(app, metrics.registry);
+  registerKekCircuitMetrics(metrics.registry, kek); // when the provider is behind the breaker (kek/index.ts)
   const material = createKeyMaterial({
     kek,
     cache,

@@ -26,6 +26,8 @@ export interface Config {
       }
     | undefined;
   kekName: string;
+  /** retries and circuit breaker around the KEK provider (kek/circuit-breaker.ts) */
+  kekResilience: { breakerFailures: number; breakerCooldownMs: number; retryAttempts: number };
   auth: {
     jwksUrl: string | undefined;
     issuer: string;
@@ -70,6 +72,9 @@ export const SETTINGS: ReadonlyArray<{ name: string; default: string; meaning: s
   { name: 'VAULT_TRANSIT_MOUNT', default: 'transit', meaning: 'mount path of the transit engine' },
   { name: 'VAULT_REQUEST_TIMEOUT_MS', default: '5000', meaning: 'timeout of one Vault request' },
   { name: 'KEYSTRATA_KEK_NAME', default: 'keystrata-kek', meaning: 'name of the KEK (transit key)' },
+  { name: 'KEK_BREAKER_FAILURES', default: '5', meaning: 'KEK provider unavailability failures in a row that open its circuit (calls then fail fast with 503 + Retry-After)' },
+  { name: 'KEK_BREAKER_COOLDOWN_MS', default: '10000', meaning: 'how long the KEK circuit stays open before one probe call is let through' },
+  { name: 'KEK_RETRY_ATTEMPTS', default: '3', meaning: 'attempts in all for an idempotent KEK call (wrap, unwrap, rewrap, info) that found the provider unavailable; backoff doubles from 50 ms, with jitter' },
   { name: 'AUTH_JWKS_URL', default: 'unset → local development issuer', meaning: 'JWKS URL of the production identity provider' },
   { name: 'AUTH_ISSUER', default: 'keystrata-dev (local issuer)', meaning: 'required `iss` of bearer tokens' },
   { name: 'AUTH_AUDIENCE', default: 'keystrata', meaning: 'required `aud` of bearer tokens' },
@@ -172,6 +177,11 @@ export function loadConfig(env: Env = process.env): Readonly<Config> {
         ? { addr: vaultAddr, token: vaultToken, namespace: read('VAULT_NAMESPACE'), transitMount, requestTimeoutMs: vaultTimeout }
         : undefined,
     kekName,
+    kekResilience: {
+      breakerFailures: int('KEK_BREAKER_FAILURES', 5, 1, 1000),
+      breakerCooldownMs: int('KEK_BREAKER_COOLDOWN_MS', 10_000, 100, 600_000),
+      retryAttempts: int('KEK_RETRY_ATTEMPTS', 3, 1, 10),
+    },
     auth: {
       jwksUrl,
       issuer: read('AUTH_ISSUER') ?? 'keystrata-dev',

@@ -63,8 +63,8 @@ export class UnavailableError extends AppError {
 
 /** The KEK provider could not be reached or answered with a server error (retryable). */
 export class KekUnavailableError extends UnavailableError {
-  constructor(message = 'The KEK provider is unavailable') {
-    super(message);
+  constructor(message = 'The KEK provider is unavailable', retryAfterSeconds = 5) {
+    super(message, retryAfterSeconds);
   }
 }
 
