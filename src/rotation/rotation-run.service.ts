@@ -60,8 +60,14 @@ export interface DueWaves {
   }>;
 }
 
+/** Where a failed step is logged in full (pino redacts secrets): the request's logger, the CLI's. */
+export interface RunLogger {
+  warn(obj: object, msg: string): void;
+  error(obj: object, msg: string): void;
+}
+
 export interface RotationRunService {
-  run(who: Actor, options: { dryRun?: boolean | undefined; limit?: number | undefined }): Promise<RunSummaryView>;
+  run(who: Actor, options: { dryRun?: boolean | undefined; limit?: number | undefined; log?: RunLogger | undefined }): Promise<RunSummaryView>;
 }
 
 export function createRotationRunService(deps: {
@@ -78,7 +84,7 @@ export function createRotationRunService(deps: {
   let handle: Kysely<RotationDB> | undefined;
   const db = () => (handle ??= rotationDb(deps.db));
 
-  async function run(who: Actor, options: { dryRun?: boolean | undefined; limit?: number | undefined }): Promise<RunSummaryView> {
+  async function run(who: Actor, options: { dryRun?: boolean | undefined; limit?: number | undefined; log?: RunLogger | undefined }): Promise<RunSummaryView> {
     const dryRun = options.dryRun === true;
     const limit = Math.min(options.limit ?? DEFAULT_RUN_LIMIT, MAX_RUN_LIMIT);
     const started = Date.now();
@@ -96,6 +102,8 @@ export function createRotationRunService(deps: {
       sweeps: { graceExpired: null, destroyed: null },
     };
     const fail = (step: string, error: unknown, groupId?: string) => {
+      if (error instanceof AppError) options.log?.warn({ step, groupId, code: error.code, detail: error.message }, 'rotation run: a step failed');
+      else options.log?.error({ step, groupId, err: error }, 'rotation run: a step failed unexpectedly');
       summary.errors.push({
         step,
         ...(groupId !== undefined ? { groupId } : {}),

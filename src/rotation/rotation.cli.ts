@@ -15,7 +15,7 @@ export const ROTATE_USAGE = '  rotate [--dry-run] [--limit N] rotate what is due
 
 export async function rotateCommand(
   argv: string[],
-  openRuntime: () => Promise<Pick<Runtime, 'database' | 'kek' | 'audit' | 'clock' | 'config' | 'close'>>,
+  openRuntime: () => Promise<Pick<Runtime, 'database' | 'kek' | 'audit' | 'clock' | 'config' | 'logger' | 'close'>>,
   out: { write(text: string): unknown },
   err: { write(text: string): unknown },
 ): Promise<number> {
@@ -35,7 +35,7 @@ export async function rotateCommand(
   try {
     const material = createKeyMaterial({ kek: runtime.kek, cache: createKeyCache(runtime.config.keyCache) });
     const rotation = createRotation({ db: runtime.database.db, kek: runtime.kek, material, audit: runtime.audit, clock: runtime.clock });
-    const summary = await rotation.runner.run({ actor: 'cli' }, { dryRun: values['dry-run'] === true, limit });
+    const summary = await rotation.runner.run({ actor: 'cli' }, { dryRun: values['dry-run'] === true, limit, log: runtime.logger });
     out.write(`${JSON.stringify(summary, null, 2)}\n`);
     return summary.errors.length === 0 ? 0 : 1;
   } finally {

@@ -113,7 +113,7 @@ export const rotationRoutes: FastifyPluginAsyncTypebox<{ rotation: Rotation }> =
       body: s.RunBody,
       response: { 200: s.RunSummary, ...errorResponses() },
     },
-    handler: async (request) => rotation.runner.run(actorOf(request), { dryRun: request.body.dryRun, limit: request.body.limit }),
+    handler: async (request) => rotation.runner.run(actorOf(request), { dryRun: request.body.dryRun, limit: request.body.limit, log: request.log }),
   });
 
   app.get('/v1/compliance/cryptoperiods', {

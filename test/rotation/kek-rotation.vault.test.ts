@@ -149,6 +149,17 @@ describe('KEK rotation through the vault provider (transit emulator)', () => {
       [4, 500],
     ]);
 
+    // cron during the outage: the KEK step fails and is reported and logged (no blob, no token); the rest still runs
+    const during = await runCron(f);
+    expect(during.errors).toEqual([{ step: 'kek', code: 'unavailable', message: expect.stringContaining('503') }]);
+    expect(during.kek).toBeNull();
+    const logged = f.t.logs.filter((l) => l.includes('rotation run: a step failed'));
+    expect(logged.length).toBeGreaterThan(0);
+    for (const line of f.t.logs) {
+      expect(line).not.toMatch(/vault:v\d+:[A-Za-z0-9+/]/);
+      expect(line).not.toContain(emulator.token);
+    }
+
     proxy.down = false;
     proxy.outageAfter = undefined;
     // at every step every key stays readable
