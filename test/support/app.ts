@@ -20,6 +20,7 @@ import { createLocalKekProvider } from '../../src/kek/local.provider.js';
 import type { KekProvider } from '../../src/kek/kek.types.js';
 import { loadHttpsOptions } from '../../src/http/tls.js';
 import { createLogger } from '../../src/logger.js';
+import { createPostgresDatabase } from '../../src/db/database.js';
 import { createTestDatabase, type TestDatabase } from './db.js';
 
 export interface TestApp {
@@ -36,7 +37,14 @@ export interface TestApp {
 }
 
 export async function createTestApp(
-  options: { env?: Record<string, string>; kek?: (database: TestDatabase) => Promise<KekProvider>; manualClock?: boolean; plugins?: AppDeps['plugins'] } = {},
+  options: {
+    env?: Record<string, string>;
+    kek?: (database: TestDatabase) => Promise<KekProvider>;
+    manualClock?: boolean;
+    plugins?: AppDeps['plugins'];
+    /** PostgreSQL only: the app's pool connects to this URL instead (e.g. a fault-injecting proxy); `database.url` stays the direct one */
+    databaseUrl?: (directUrl: string) => string;
+  } = {},
 ): Promise<TestApp> {
   const dataDir = fs.mkdtempSync(path.join(os.tmpdir(), 'keystrata-test-'));
   const config = loadConfig({ KEYSTRATA_DATA_DIR: dataDir, LOG_LEVEL: 'debug', ...options.env });
@@ -49,7 +57,8 @@ export async function createTestApp(
   });
   const logger = createLogger(config.logLevel, sink);
   const clock = options.manualClock ? createManualClock(new Date()) : systemClock;
-  const database = await createTestDatabase();
+  const created = await createTestDatabase();
+  const database = options.databaseUrl && created.url ? routedDatabase(created, options.databaseUrl(created.url)) : created;
   const kek = options.kek
     ? await options.kek(database)
     : createLocalKekProvider({ db: database.db, rootKey: crypto.randomBytes(32), dataDir, keyName: config.kekName, logger });
@@ -94,6 +103,19 @@ export async function createTestApp(
       await kek.close();
       await database.close();
       fs.rmSync(dataDir, { recursive: true, force: true });
+    },
+  };
+}
+
+/** The test database, reached through another URL (its direct pool is never used); closing drops it as usual. */
+function routedDatabase(direct: TestDatabase, url: string): TestDatabase {
+  const routed = createPostgresDatabase(url, 5);
+  return {
+    ...routed,
+    url: direct.url,
+    async close() {
+      await routed.close();
+      await direct.close();
     },
   };
 }
