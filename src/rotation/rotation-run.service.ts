@@ -122,6 +122,8 @@ export function createRotationRunService(deps: {
 
     // 2. groups
     let budget = limit;
+    // maintenance windows seen on the way, so the rollouts' per-group question costs no query
+    const windowOpen = new Map<string, boolean>();
     let after: string | undefined;
     for (;;) {
       const ids = await repo.listGroupIds(db(), after, GROUP_PAGE);
@@ -134,6 +136,7 @@ export function createRotationRunService(deps: {
         const policy = effective.get(groupId);
         if (!policy) continue;
         const inWindow = inMaintenanceWindow(policy.maintenanceWindows, now);
+        windowOpen.set(groupId, inWindow);
         cutoffs.push({ groupId, device: addDays(now, -policy.device.rotationPeriodDays), field: addDays(now, -policy.field.rotationPeriodDays), inWindow });
         try {
           const primary = versions.find((v) => v.group_id === groupId && v.state === 'primary');
@@ -186,7 +189,7 @@ export function createRotationRunService(deps: {
           dryRun,
           actor: who.actor,
           requestId: who.requestId,
-          canStart: async (groupId) => inMaintenanceWindow((await policies.effectivePolicy(groupId)).maintenanceWindows, now),
+          canStart: async (groupId) => windowOpen.get(groupId) ?? inMaintenanceWindow((await policies.effectivePolicy(groupId)).maintenanceWindows, now),
         });
         summary.devices.rollouts = { ...rollouts, started: rollouts.started.slice(0, MAX_LISTED), halted: rollouts.halted.slice(0, MAX_LISTED) };
         for (const e of errors) fail('rollouts', e.error, e.groupId === '-' ? undefined : e.groupId);
