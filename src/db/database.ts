@@ -29,6 +29,11 @@ export function createPostgresDatabase(connectionString: string, poolSize = 10):
   const pool = new pg.Pool({ connectionString, max: poolSize, connectionTimeoutMillis: 5000 });
   // An idle client losing its connection (PostgreSQL restart) must not crash the process.
   pool.on('error', () => {});
+  // Nor a checked-out one: pg-pool listens for errors only while a client is idle, and a client
+  // whose connection ends emits 'error', so a restart while a request held a connection (inside
+  // a transaction, or mid-query) was an uncaught exception. The query in flight still gets the
+  // error, the next one is refused, and the pool drops the client when it is released.
+  pool.on('connect', (client) => client.on('error', () => {}));
   const db = new Kysely<DB>({ dialect: new PostgresDialect({ pool }) });
   return {
     db,

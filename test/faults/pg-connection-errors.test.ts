@@ -1,0 +1,61 @@
+/**
+ * Regression: a PostgreSQL connection that dies while a request holds it (inside a transaction,
+ * or mid-query) must fail that request, never the process. pg-pool listens for client errors
+ * only while a client is idle; a checked-out client whose connection ends emits 'error' with no
+ * listener, an uncaught exception that would kill the server on a database restart.
+ */
+import { sql } from 'kysely';
+import { afterAll, afterEach, beforeAll, describe, expect, inject, it } from 'vitest';
+import { createPostgresDatabase, type Database } from '../../src/db/database.js';
+import { createTestDatabase, type TestDatabase } from '../support/db.js';
+import { sleep, startTcpProxy, type TcpProxy } from './support.js';
+
+const setup = inject('testDb');
+
+describe.skipIf(setup.mode !== 'postgres')('a PostgreSQL connection dying under a request', () => {
+  let target: TestDatabase;
+  let proxy: TcpProxy;
+  let database: Database;
+  const uncaught: unknown[] = [];
+  const record = (error: unknown) => void uncaught.push(error);
+
+  beforeAll(async () => {
+    target = await createTestDatabase();
+    const url = new URL(target.url!);
+    proxy = await startTcpProxy({ host: url.hostname, port: Number(url.port || 5432) });
+    database = createPostgresDatabase(proxy.urlFor(target.url!), 2);
+    process.on('uncaughtException', record);
+  });
+  afterEach(() => proxy.restore());
+  afterAll(async () => {
+    process.off('uncaughtException', record);
+    await database?.close();
+    await proxy?.close();
+    await target?.close();
+  });
+
+  it('when the connection is cut between two statements of a transaction, then the transaction fails, nothing is uncaught, and the pool serves the next query', async () => {
+    const transaction = database.db.transaction().execute(async (trx) => {
+      await sql`select 1`.execute(trx);
+      proxy.cut();
+      await sleep(100); // the client learns its connection ended while no query runs on it
+      await sql`select 2`.execute(trx);
+    });
+    await expect(transaction).rejects.toThrow(/Connection terminated|not queryable/);
+    await sleep(50);
+    expect(uncaught).toEqual([]);
+    proxy.restore();
+    expect((await sql<{ n: number }>`select 3 as n`.execute(database.db)).rows).toEqual([{ n: 3 }]);
+  });
+
+  it('when the connection is cut in the middle of a query, then that query fails, nothing is uncaught, and the pool serves the next query', async () => {
+    const slow = sql`select pg_sleep(1)`.execute(database.db);
+    await sleep(100);
+    proxy.cut();
+    await expect(slow).rejects.toThrow(/Connection terminated/);
+    await sleep(50);
+    expect(uncaught).toEqual([]);
+    proxy.restore();
+    expect((await sql<{ n: number }>`select 4 as n`.execute(database.db)).rows).toEqual([{ n: 4 }]);
+  });
+});
