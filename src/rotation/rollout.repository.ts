@@ -250,9 +250,9 @@ export async function countPendingItems(ex: RolloutExecutor, rolloutId: string, 
 
 // ---------- chunks ----------
 
-/** The next pending items of a wave, locked; items another runner holds are skipped. */
-export async function claimPendingItems(ex: RolloutExecutor, rolloutId: string, wave: number, limit: number): Promise<string[]> {
-  const rows = await ex
+/** The next pending items of a wave (after `after`, in device id order), locked; items another runner holds are skipped. */
+export async function claimPendingItems(ex: RolloutExecutor, rolloutId: string, wave: number, after: string | undefined, limit: number): Promise<string[]> {
+  let query = ex
     .selectFrom('rollout_items')
     .select('device_id')
     .where('rollout_id', '=', rolloutId)
@@ -261,9 +261,9 @@ export async function claimPendingItems(ex: RolloutExecutor, rolloutId: string, 
     .orderBy('device_id')
     .limit(limit)
     .forUpdate()
-    .skipLocked()
-    .execute();
-  return rows.map((r) => r.device_id);
+    .skipLocked();
+  if (after !== undefined) query = query.where('device_id', '>', after);
+  return (await query.execute()).map((r) => r.device_id);
 }
 
 export interface DoneItem {

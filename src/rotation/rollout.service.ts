@@ -529,6 +529,11 @@ export function createRolloutService(deps: RolloutServiceDeps) {
     const graceMs = policy.gracePeriodDays * DAY_MS;
     let stop: Stop | undefined;
     const worker = async () => {
+      // Each worker claims after the last device it claimed: the items done before it stay in
+      // the pending index as dead entries until a vacuum, and a claim from the start of the wave
+      // would step over all of them (quadratic over a million devices). Items passed over because
+      // another runner held them are found by one claim from the start once the cursor runs dry.
+      const cursor: { after?: string | undefined; restarted: boolean } = { restarted: false };
       while (stop === undefined) {
         if (budget.left <= 0) {
           stop = 'budget';
@@ -538,7 +543,7 @@ export function createRolloutService(deps: RolloutServiceDeps) {
         budget.left -= size;
         let chunk: ChunkResult;
         try {
-          chunk = await withGroupKeys(r.group_id, keys, () => (r.level === 'device' ? deviceChunk(who, r, wave, keys, size, graceMs) : fieldChunk(who, r, wave, keys, size, graceMs)));
+          chunk = await withGroupKeys(r.group_id, keys, () => (r.level === 'device' ? deviceChunk(who, r, wave, keys, size, graceMs, cursor) : fieldChunk(who, r, wave, keys, size, graceMs, cursor)));
         } catch (error) {
           budget.left += size;
           if (error instanceof ChunkAborted) {
@@ -550,6 +555,11 @@ export function createRolloutService(deps: RolloutServiceDeps) {
         }
         budget.left += size - chunk.claimed;
         if (chunk.claimed === 0) {
+          if (cursor.after !== undefined && !cursor.restarted) {
+            cursor.after = undefined;
+            cursor.restarted = true;
+            continue;
+          }
           stop ??= 'empty';
           return;
         }
@@ -652,7 +662,7 @@ export function createRolloutService(deps: RolloutServiceDeps) {
   };
 
   /** One chunk of a device-level wave, in one transaction. */
-  async function deviceChunk(who: Actor, r: repo.RolloutRow, wave: number, keys: GroupKeys, size: number, graceMs: number): Promise<ChunkResult> {
+  async function deviceChunk(who: Actor, r: repo.RolloutRow, wave: number, keys: GroupKeys, size: number, graceMs: number, cursor: { after?: string | undefined }): Promise<ChunkResult> {
     const started = process.hrtime.bigint();
     const scratch: Buffer[] = [];
     try {
@@ -670,8 +680,9 @@ export function createRolloutService(deps: RolloutServiceDeps) {
           if (groupKey === undefined) throw new NeedGroupKeys();
           if (groupKey === null) throw new ConflictError(`Group ${r.group_id} v${gp.version} has no readable material`, 'parent_missing');
 
-          const ids = await repo.claimPendingItems(trx, r.id, wave, size);
+          const ids = await repo.claimPendingItems(trx, r.id, wave, cursor.after, size);
           if (ids.length === 0) return { claimed: 0, done: 0, failed: 0, skipped: 0, fields: 0, events: 0 };
+          cursor.after = ids.at(-1);
           const devices = await repo.lockDevices(trx, ids);
           const versions = groupBy(await repo.lockDeviceVersions(trx, ids));
           const fields = groupBy(await repo.lockFieldVersions(trx, ids));
@@ -745,7 +756,7 @@ export function createRolloutService(deps: RolloutServiceDeps) {
   }
 
   /** One chunk of a field-level wave: each device's field keys (of the field, or all) get a new primary under the device's primary DEK. */
-  async function fieldChunk(who: Actor, r: repo.RolloutRow, wave: number, keys: GroupKeys, size: number, graceMs: number): Promise<ChunkResult> {
+  async function fieldChunk(who: Actor, r: repo.RolloutRow, wave: number, keys: GroupKeys, size: number, graceMs: number, cursor: { after?: string | undefined }): Promise<ChunkResult> {
     const started = process.hrtime.bigint();
     const scratch: Buffer[] = [];
     try {
@@ -755,8 +766,9 @@ export function createRolloutService(deps: RolloutServiceDeps) {
           const now = clock.now();
           const current = await repo.findRollout(trx, r.id);
           if (!current || current.state !== 'running') throw new ChunkAborted(current?.state);
-          const ids = await repo.claimPendingItems(trx, r.id, wave, size);
+          const ids = await repo.claimPendingItems(trx, r.id, wave, cursor.after, size);
           if (ids.length === 0) return { claimed: 0, done: 0, failed: 0, skipped: 0, fields: 0, events: 0 };
+          cursor.after = ids.at(-1);
           const devices = await repo.lockDevices(trx, ids);
           const versions = groupBy(await repo.lockDeviceVersions(trx, ids));
           const fields = groupBy(await repo.lockFieldVersions(trx, ids));

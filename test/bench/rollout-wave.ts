@@ -61,15 +61,18 @@ async function admin(statement: string): Promise<void> {
 }
 
 /** RSS sampled every 100 ms besides the kernel's own peak (maxRSS), to see where memory goes. */
-function watchMemory(): { stop(): { maxRssMb: number; sampledPeakMb: number } } {
+function watchMemory(): { stop(): { maxRssMb: number; sampledPeakMb: number; heapPeakMb: number } } {
   let peak = 0;
+  let heap = 0;
   const timer = setInterval(() => {
-    peak = Math.max(peak, process.memoryUsage.rss());
+    const m = process.memoryUsage();
+    peak = Math.max(peak, m.rss);
+    heap = Math.max(heap, m.heapUsed);
   }, 100);
   return {
     stop() {
       clearInterval(timer);
-      return { maxRssMb: process.resourceUsage().maxRSS / 1024, sampledPeakMb: peak / MB };
+      return { maxRssMb: process.resourceUsage().maxRSS / 1024, sampledPeakMb: peak / MB, heapPeakMb: heap / MB };
     },
   };
 }
@@ -158,10 +161,13 @@ async function main(): Promise<void> {
     });
     const rollout = await rollouts.start({ actor: 'bench' }, { groupId: GROUP, level: 'device', percentPerDay: 100, waveIntervalSeconds: 86_400 });
     const memory = watchMemory();
+    const cpuBefore = process.cpuUsage();
     started = performance.now();
     const result = await rollouts.runDueWaves({ now: new Date(), limit: devices * 2, dryRun: false, actor: 'bench', canStart: async () => true });
     const waveSeconds = (performance.now() - started) / 1000;
-    const { maxRssMb, sampledPeakMb } = memory.stop();
+    const cpu = process.cpuUsage(cpuBefore);
+    const nodeCpuSeconds = (cpu.user + cpu.system) / 1e6;
+    const { maxRssMb, sampledPeakMb, heapPeakMb } = memory.stop();
     if (result.errors.length > 0) throw result.errors[0]!.error;
     const listSeconds = firstChunkAt === undefined ? 0 : (firstChunkAt - started) / 1000;
 
@@ -179,11 +185,12 @@ async function main(): Promise<void> {
       `wave  : ${result.devices} devices in ${waveSeconds.toFixed(1)} s = ${Math.round(rate)} devices/s ` +
         `(listing ${listSeconds.toFixed(1)} s, ${chunks} chunks of ${chunkSize}, ${workers} workers, ${result.fields} field keys rewrapped)`,
     );
-    console.log(`memory: peak RSS ${maxRssMb.toFixed(0)} MB (maxRSS of the process, enrolment included); sampled during the wave ${sampledPeakMb.toFixed(0)} MB`);
+    console.log(`cpu   : this process ${nodeCpuSeconds.toFixed(1)} s (${Math.round((nodeCpuSeconds / devices) * 1e6)} µs a device); the rest of the wave's time is PostgreSQL's`);
+    console.log(`memory: peak RSS ${maxRssMb.toFixed(0)} MB (maxRSS of the process, enrolment included); sampled during the wave ${sampledPeakMb.toFixed(0)} MB, JS heap at most ${heapPeakMb.toFixed(0)} MB`);
     console.log(`check : ${ok ? 'every device rotated exactly once (v1 grace, v2 primary, one outbox row each)' : `FAILED ${JSON.stringify({ state: view.state, totals: view.totals, ...check })}`}`);
     console.log(`host  : ${os.cpus().length} CPUs, load ${os.loadavg().map((l) => l.toFixed(1)).join(' ')}, Node ${process.version}`);
     console.log(
-      `BENCH_RESULT ${JSON.stringify({ devices, withFields, chunkSize, workers, enrolSeconds, waveSeconds, listSeconds, devicesPerSecond: rate, maxRssMb, sampledPeakMb, ok })}`,
+      `BENCH_RESULT ${JSON.stringify({ devices, withFields, chunkSize, workers, enrolSeconds, waveSeconds, listSeconds, devicesPerSecond: rate, nodeCpuSeconds, maxRssMb, sampledPeakMb, heapPeakMb, ok })}`,
     );
     await audit.close();
     await kek.close();
