@@ -86,7 +86,10 @@ export function toProblem(error: unknown, request: FastifyRequest): { problem: P
       return { problem: base(503, 'database_unavailable', 'The database is unavailable'), retryAfter: 5 };
     }
   }
-  if (error instanceof Error && /Connection terminated|timeout exceeded when trying to connect|connect ECONNREFUSED/i.test(error.message)) {
+  // pg's messages for a connection lost or never made; "not queryable" is what a client whose
+  // connection died answers next, e.g. to the ROLLBACK of an interrupted transaction, whose error
+  // Kysely throws in place of the first one
+  if (error instanceof Error && /Connection terminated|is not queryable|timeout exceeded when trying to connect|connect ECONNREFUSED/i.test(error.message)) {
     return { problem: base(503, 'database_unavailable', 'The database is unavailable'), retryAfter: 5 };
   }
   return { problem: base(500, 'internal_error', 'An internal error occurred; the request id identifies it in the logs') };

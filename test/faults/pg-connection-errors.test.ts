@@ -4,13 +4,28 @@
  * only while a client is idle; a checked-out client whose connection ends emits 'error' with no
  * listener, an uncaught exception that would kill the server on a database restart.
  */
+import type { FastifyRequest } from 'fastify';
 import { sql } from 'kysely';
 import { afterAll, afterEach, beforeAll, describe, expect, inject, it } from 'vitest';
 import { createPostgresDatabase, type Database } from '../../src/db/database.js';
+import { toProblem } from '../../src/http/error-handler.js';
 import { createTestDatabase, type TestDatabase } from '../support/db.js';
 import { sleep, startTcpProxy, type TcpProxy } from './support.js';
 
 const setup = inject('testDb');
+
+describe('errors of a lost PostgreSQL connection', () => {
+  const request = { url: '/v1/groups/g/rotate', id: 'req-1' } as FastifyRequest;
+  it.each([
+    ['Connection terminated unexpectedly'],
+    ['Client has encountered a connection error and is not queryable'], // the ROLLBACK of an interrupted transaction (was a 500)
+    ['Client was closed and is not queryable'],
+    ['timeout exceeded when trying to connect'],
+    ['Connection terminated due to connection timeout'],
+  ])('when pg says "%s", then the answer is 503 + Retry-After, not a 500', (message) => {
+    expect(toProblem(new Error(message), request)).toMatchObject({ problem: { status: 503, code: 'database_unavailable' }, retryAfter: 5 });
+  });
+});
 
 describe.skipIf(setup.mode !== 'postgres')('a PostgreSQL connection dying under a request', () => {
   let target: TestDatabase;
