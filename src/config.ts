@@ -14,6 +14,8 @@ export interface Config {
   dataDir: string;
   databaseUrl: string | undefined;
   databasePoolSize: number;
+  /** every PostgreSQL query's deadline in ms (0: none); see db/database.ts */
+  databaseQueryTimeoutMs: number;
   migrateOnStart: boolean;
   rootKey: Buffer | undefined;
   vault:
@@ -64,6 +66,7 @@ export const SETTINGS: ReadonlyArray<{ name: string; default: string; meaning: s
   { name: 'KEYSTRATA_DATA_DIR', default: './data', meaning: 'PGlite files, local root key, local token issuer key' },
   { name: 'DATABASE_URL', default: 'unset → embedded PGlite', meaning: 'PostgreSQL connection string' },
   { name: 'DATABASE_POOL_SIZE', default: '10', meaning: 'maximum PostgreSQL connections per process' },
+  { name: 'DATABASE_QUERY_TIMEOUT_MS', default: '30000', meaning: 'deadline of one PostgreSQL query (0: none); past it the request gets a 503 and the connection is dropped (a network partition would otherwise hold it forever). Migrations at start-up run under it too: raise it for a long one' },
   { name: 'KEYSTRATA_MIGRATE_ON_START', default: 'true', meaning: 'apply pending migrations at start-up' },
   { name: 'KEYSTRATA_ROOT_KEY', default: 'unset → key file in the data dir', meaning: 'base64 32-byte root key of the local KEK provider' },
   { name: 'VAULT_ADDR', default: 'unset → local KEK provider', meaning: 'Vault or OpenBao address' },
@@ -170,6 +173,7 @@ export function loadConfig(env: Env = process.env): Readonly<Config> {
     dataDir: path.resolve(read('KEYSTRATA_DATA_DIR') ?? './data'),
     databaseUrl: url('DATABASE_URL', ['postgres:', 'postgresql:']),
     databasePoolSize: int('DATABASE_POOL_SIZE', 10, 1, 500),
+    databaseQueryTimeoutMs: int('DATABASE_QUERY_TIMEOUT_MS', 30_000, 0, 3_600_000),
     migrateOnStart: bool('KEYSTRATA_MIGRATE_ON_START', true),
     rootKey,
     vault:

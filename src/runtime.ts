@@ -24,7 +24,7 @@ export interface Runtime {
 }
 
 export async function openDatabase(config: Readonly<Config>, logger: Logger): Promise<Database> {
-  if (config.databaseUrl !== undefined) return createPostgresDatabase(config.databaseUrl, config.databasePoolSize);
+  if (config.databaseUrl !== undefined) return createPostgresDatabase(config.databaseUrl, config.databasePoolSize, { queryTimeoutMs: config.databaseQueryTimeoutMs });
   logger.warn({ dataDir: config.dataDir }, 'DATABASE_URL is not set: using embedded PGlite in the data directory (development and single-node use)');
   return createPgliteDatabase(config.dataDir);
 }

@@ -4,7 +4,7 @@
  */
 import fs from 'node:fs';
 import path from 'node:path';
-import { Kysely, PostgresDialect, type Transaction } from 'kysely';
+import { Kysely, PostgresDialect, type PostgresPool, type PostgresPoolClient, type Transaction } from 'kysely';
 import pg from 'pg';
 import type { HierarchyTables } from './tables.js';
 import type { AuditTables } from '../audit/audit.tables.js';
@@ -25,7 +25,21 @@ export interface Database {
 // int8 (bigint, counts) as JS numbers: every count we keep fits in 2^53.
 pg.types.setTypeParser(20, (value: string) => Number(value));
 
-export function createPostgresDatabase(connectionString: string, poolSize = 10): Database {
+/** A query the database did not answer in time (mapped to 503 by its code, like other network errors). */
+export class DatabaseTimeoutError extends Error {
+  readonly code = 'ETIMEDOUT';
+  constructor(ms: number) {
+    super(`The database did not answer within ${ms} ms`);
+    this.name = 'DatabaseTimeoutError';
+  }
+}
+
+/**
+ * `queryTimeoutMs` (DATABASE_QUERY_TIMEOUT_MS; 0: none) bounds every query: past it the query
+ * fails and its connection is destroyed. Without it a network partition (no FIN, no RST) held
+ * every request on a pooled connection forever; connecting has its own 5 s timeout.
+ */
+export function createPostgresDatabase(connectionString: string, poolSize = 10, options: { queryTimeoutMs?: number | undefined } = {}): Database {
   const pool = new pg.Pool({ connectionString, max: poolSize, connectionTimeoutMillis: 5000 });
   // An idle client losing its connection (PostgreSQL restart) must not crash the process.
   pool.on('error', () => {});
@@ -34,7 +48,8 @@ export function createPostgresDatabase(connectionString: string, poolSize = 10):
   // a transaction, or mid-query) was an uncaught exception. The query in flight still gets the
   // error, the next one is refused, and the pool drops the client when it is released.
   pool.on('connect', (client) => client.on('error', () => {}));
-  const db = new Kysely<DB>({ dialect: new PostgresDialect({ pool }) });
+  const queryTimeoutMs = options.queryTimeoutMs ?? 0;
+  const db = new Kysely<DB>({ dialect: new PostgresDialect({ pool: queryTimeoutMs > 0 ? withQueryDeadline(pool, queryTimeoutMs) : pool }) });
   return {
     db,
     kind: 'postgres',
@@ -44,6 +59,31 @@ export function createPostgresDatabase(connectionString: string, poolSize = 10):
     async close() {
       await db.destroy();
     },
+  };
+}
+
+/** Kysely's pool, each query raced against a deadline; a late query's connection is destroyed (it may never answer). */
+function withQueryDeadline(pool: pg.Pool, ms: number): PostgresPool {
+  return {
+    async connect() {
+      const client = await pool.connect();
+      const query = (sqlOrCursor: unknown, parameters?: ReadonlyArray<unknown>): unknown => {
+        if (typeof sqlOrCursor !== 'string') return client.query(sqlOrCursor as never); // cursors (streaming) are not bounded
+        let timer: NodeJS.Timeout | undefined;
+        const deadline = new Promise<never>((_, reject) => {
+          timer = setTimeout(() => {
+            reject(new DatabaseTimeoutError(ms));
+            // pg-pool frees a connection that never answers its connect the same way
+            (client as unknown as { connection?: { stream?: { destroy(): void } } }).connection?.stream?.destroy();
+          }, ms);
+        });
+        const running = client.query(sqlOrCursor, parameters as unknown[]);
+        running.catch(() => {}); // it fails once its connection is destroyed: the deadline answered already
+        return Promise.race([running, deadline]).finally(() => clearTimeout(timer));
+      };
+      return { query: query as PostgresPoolClient['query'], release: () => client.release() };
+    },
+    end: () => pool.end(),
   };
 }
 

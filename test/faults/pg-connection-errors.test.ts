@@ -7,7 +7,7 @@
 import type { FastifyRequest } from 'fastify';
 import { sql } from 'kysely';
 import { afterAll, afterEach, beforeAll, describe, expect, inject, it } from 'vitest';
-import { createPostgresDatabase, type Database } from '../../src/db/database.js';
+import { createPostgresDatabase, DatabaseTimeoutError, type Database } from '../../src/db/database.js';
 import { toProblem } from '../../src/http/error-handler.js';
 import { createTestDatabase, type TestDatabase } from '../support/db.js';
 import { sleep, startTcpProxy, type TcpProxy } from './support.js';
@@ -24,6 +24,9 @@ describe('errors of a lost PostgreSQL connection', () => {
     ['Connection terminated due to connection timeout'],
   ])('when pg says "%s", then the answer is 503 + Retry-After, not a 500', (message) => {
     expect(toProblem(new Error(message), request)).toMatchObject({ problem: { status: 503, code: 'database_unavailable' }, retryAfter: 5 });
+  });
+  it('when a query passes its deadline, then the answer is 503 + Retry-After', () => {
+    expect(toProblem(new DatabaseTimeoutError(2000), request)).toMatchObject({ problem: { status: 503, code: 'database_unavailable' }, retryAfter: 5 });
   });
 });
 
@@ -61,6 +64,31 @@ describe.skipIf(setup.mode !== 'postgres')('a PostgreSQL connection dying under 
     expect(uncaught).toEqual([]);
     proxy.restore();
     expect((await sql<{ n: number }>`select 3 as n`.execute(database.db)).rows).toEqual([{ n: 3 }]);
+  });
+
+  it('when the network is partitioned (nothing answers), then a query fails at its deadline, a transaction too (as a 503), and the pool recovers', async () => {
+    const bounded = createPostgresDatabase(proxy.urlFor(target.url!), 2, { queryTimeoutMs: 500 });
+    try {
+      await Promise.all([sql`select pg_sleep(0.05)`.execute(bounded.db), sql`select pg_sleep(0.05)`.execute(bounded.db)]); // two idle connections
+      proxy.blackhole();
+      let started = performance.now();
+      await expect(sql`select 1`.execute(bounded.db)).rejects.toBeInstanceOf(DatabaseTimeoutError);
+      expect(performance.now() - started).toBeLessThan(1500);
+      started = performance.now();
+      const failure = await bounded.db
+        .transaction()
+        .execute(async (trx) => sql`select 2`.execute(trx))
+        .then(() => undefined, (error: unknown) => error);
+      expect(performance.now() - started).toBeLessThan(1500);
+      expect(toProblem(failure, { url: '/x', id: 'r' } as FastifyRequest)).toMatchObject({ problem: { status: 503 }, retryAfter: 5 });
+      proxy.restore(); // the held connections are gone, as after a partition; the pool notices
+      await sleep(50);
+      expect((await sql<{ n: number }>`select 5 as n`.execute(bounded.db)).rows).toEqual([{ n: 5 }]);
+      expect(uncaught).toEqual([]);
+    } finally {
+      proxy.restore();
+      await bounded.close();
+    }
   });
 
   it('when the connection is cut in the middle of a query, then that query fails, nothing is uncaught, and the pool serves the next query', async () => {

@@ -58,7 +58,7 @@ export async function createTestApp(
   const logger = createLogger(config.logLevel, sink);
   const clock = options.manualClock ? createManualClock(new Date()) : systemClock;
   const created = await createTestDatabase();
-  const database = options.databaseUrl && created.url ? routedDatabase(created, options.databaseUrl(created.url)) : created;
+  const database = options.databaseUrl && created.url ? routedDatabase(created, options.databaseUrl(created.url), config.databaseQueryTimeoutMs) : created;
   const kek = options.kek
     ? await options.kek(database)
     : createLocalKekProvider({ db: database.db, rootKey: crypto.randomBytes(32), dataDir, keyName: config.kekName, logger });
@@ -108,8 +108,8 @@ export async function createTestApp(
 }
 
 /** The test database, reached through another URL (its direct pool is never used); closing drops it as usual. */
-function routedDatabase(direct: TestDatabase, url: string): TestDatabase {
-  const routed = createPostgresDatabase(url, 5);
+function routedDatabase(direct: TestDatabase, url: string, queryTimeoutMs: number): TestDatabase {
+  const routed = createPostgresDatabase(url, 5, { queryTimeoutMs });
   return {
     ...routed,
     url: direct.url,
