@@ -6,7 +6,9 @@
  * rotated devices go back to their previous primary, the new versions are disabled, and every
  * key still unwraps and is delivered as before.
  */
+import { Registry } from 'prom-client';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { createRolloutMetrics } from '../../src/rotation/rollout.metrics.js';
 import { call, expectProblem } from '../support/flow.js';
 import {
   control,
@@ -50,7 +52,8 @@ describe('a canary, then waves, and a wave over its failure threshold', () => {
     const inWave = (k: number) => ids.filter((id) => waveOf(id) === k).sort();
     const failing = new Set(inWave(2).filter((_, i) => i % 5 === 0));
     const { lines, logger } = capture();
-    const r = runner(f, { chunkSize: 50, workers: 1, failDevice: (id) => failing.has(id), logger });
+    const registry = new Registry();
+    const r = runner(f, { chunkSize: 50, workers: 1, failDevice: (id) => failing.has(id), logger, metrics: createRolloutMetrics(registry) });
 
     f.clock.set(start);
     await r.run();
@@ -88,6 +91,8 @@ describe('a canary, then waves, and a wave over its failure threshold', () => {
     expect(halt).toHaveLength(1);
     expect(halt[0]).toMatchObject({ outcome: 'failure', keyId: 'group:pumps', details: { rolloutId: rollout.id, wave: 2, processed: 50, haltThreshold: 0.05, rollback: false } });
     expect(lines.filter((l) => l.level === 'error' && /halted/.test(l.msg))).toHaveLength(1);
+    expect(await registry.getSingleMetricAsString('keystrata_rollout_halts_total')).toContain('keystrata_rollout_halts_total{level="device"} 1');
+    expect(await registry.getSingleMetricAsString('keystrata_rollout_devices_total')).toContain(`keystrata_rollout_devices_total{level="device",outcome="failed"} ${failedItems.length}`);
 
     // days pass: a halted rollout starts nothing
     for (let day = 3; day <= 6; day++) {

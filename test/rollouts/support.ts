@@ -86,7 +86,7 @@ export async function wavesOf(f: Fleet, id: string): Promise<{ plan: WavePlan[];
 }
 
 /** A rollout runner of our own on the app's database (its own key cache), with test deps. */
-export function runner(f: Fleet, extra: Partial<Pick<RolloutServiceDeps, 'chunkSize' | 'listStep' | 'workers' | 'failDevice' | 'hooks' | 'logger' | 'enqueue'>> = {}) {
+export function runner(f: Fleet, extra: Partial<Pick<RolloutServiceDeps, 'chunkSize' | 'listStep' | 'workers' | 'failDevice' | 'hooks' | 'logger' | 'enqueue' | 'metrics'>> = {}) {
   const material = createKeyMaterial({ kek: f.t.kek, cache: createKeyCache({ ttlSeconds: 3600, maxEntries: 100 }) });
   const policies = createPolicyService({ db: f.t.database.db, audit: f.t.audit, clock: f.clock });
   const service = createRolloutService({ db: f.t.database.db, material, audit: f.t.audit, clock: f.clock, policies, ...extra });

@@ -167,6 +167,10 @@ describe('a rollout of 10 % a day over 1,000 devices', () => {
     expect(outbox).toHaveLength(1000);
     expect(outbox.every((o) => o.state === 'primary' && o.with_key && o.wrapped_by === 1)).toBe(true);
     expect((await f.t.audit.verify()).ok).toBe(true);
+    // and counted for Prometheus
+    const metrics = await f.t.app.inject({ method: 'GET', url: '/metrics' });
+    expect(metrics.body).toContain('keystrata_rollout_devices_total{level="device",outcome="done"} 1000');
+    expect(metrics.body).toMatch(/keystrata_rollout_chunk_duration_seconds_count\{kind="forward"\} [1-9]/);
   });
 
   it('when devices are enrolled during a rollout, then one whose wave is still to come goes with it, one whose wave was listed goes with the final sweep, and one enrolled after the end is left alone', async () => {
