@@ -15,6 +15,17 @@ export interface Metrics {
   refusedAuthorizations: Counter;
 }
 
+const CHAIN_LENGTH_TIMEOUT_MS = 1000;
+
+function withinMs<T>(promise: Promise<T>, ms: number): Promise<T> {
+  let timer: NodeJS.Timeout | undefined;
+  const timeout = new Promise<never>((_, reject) => {
+    timer = setTimeout(() => reject(new Error('timed out')), ms);
+  });
+  promise.catch(() => {});
+  return Promise.race([promise, timeout]).finally(() => clearTimeout(timer));
+}
+
 export function createMetrics(sources: { auditChainLength: () => Promise<number>; cacheStats: () => { hits: number; misses: number; size: number } }): Metrics {
   const registry = new Registry();
   collectDefaultMetrics({ register: registry, prefix: 'keystrata_process_' });
@@ -23,7 +34,10 @@ export function createMetrics(sources: { auditChainLength: () => Promise<number>
     help: 'Events in the audit hash chain',
     registers: [registry],
     async collect() {
-      this.set(await sources.auditChainLength());
+      // the one metric read from the database: an outage must not take every other metric (and
+      // the scrape) down with it, nor hold the scrape for a query deadline; the last value stays
+      const length = await withinMs(sources.auditChainLength(), CHAIN_LENGTH_TIMEOUT_MS).catch(() => undefined);
+      if (length !== undefined) this.set(length);
     },
   });
   new Gauge({
