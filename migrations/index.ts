@@ -11,6 +11,7 @@ import * as idempotency from './20261121000500_idempotency.js';
 import * as rotationPolicies from './20261121000400_rotation_policies.js';
 import * as distribution from './20261121000600_distribution.js';
 import * as rollouts from './20261121000700_rollouts.js';
+import * as graceRequiresAck from './20261121000800_grace_requires_ack.js';
 
 export const migrations: Record<string, Migration> = {
   '20261121000100_hierarchy': hierarchy,
@@ -21,4 +22,5 @@ export const migrations: Record<string, Migration> = {
   '20261121000500_idempotency': idempotency,
   '20261121000600_distribution': distribution,
   '20261121000700_rollouts': rollouts,
+  '20261121000800_grace_requires_ack': graceRequiresAck,
 };

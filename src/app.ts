@@ -104,7 +104,7 @@ export async function buildApp(deps: AppDeps): Promise<KeystrataApp> {
     },
   });
   const keys = createKeyService({ db: database.db, material, audit, clock });
-  const rotation = createRotation({ db: database.db, kek, material, audit, clock, logger: deps.logger, registry: metrics.registry });
+  const rotation = createRotation({ db: database.db, kek, material, audit, clock, logger: deps.logger, registry: metrics.registry, mqttEnabled: config.mqtt !== undefined });
   const lifecycle = createDeviceLifecycleService({ db: database.db, material, audit, clock, keys, policy: lifecyclePolicyLookup(rotation.policies) });
   const clients = createClientService({ db: database.db, audit, clock });
   const fetch = createKeyFetchService({

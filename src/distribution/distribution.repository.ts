@@ -356,14 +356,14 @@ export interface AwaitingAck {
  * row carrying it) but that the device has not acknowledged, nor any newer version of the same
  * key: what rotation debt and rollout progress show as "not yet on the device". Versions never
  * sent over MQTT (enrolment keys, versions older than distribution) are not listed.
- * Filter by group or by devices; ordered by device, kind, field.
+ * Filter by group or by devices, and by kind (and field); ordered by device, kind, field.
  */
 export async function listAwaitingAck(
   ex: DistributionExecutor,
-  filter: { groupId?: string | undefined; deviceIds?: readonly string[] | undefined; limit?: number | undefined; afterDeviceId?: string | undefined },
+  filter: { groupId?: string | undefined; deviceIds?: readonly string[] | undefined; limit?: number | undefined; afterDeviceId?: string | undefined } & KeyFilter,
 ): Promise<AwaitingAck[]> {
   if (filter.deviceIds !== undefined && filter.deviceIds.length === 0) return [];
-  const groupFilter = filter.groupId === undefined ? sql`` : sql`and d.group_id = ${filter.groupId}`;
+  const groupFilter = sql`${filter.groupId === undefined ? sql`` : sql`and d.group_id = ${filter.groupId}`} ${keyFilter(filter)}`;
   const deviceFilter = filter.deviceIds === undefined ? sql`` : sql`and o.device_id in (${sql.join(filter.deviceIds)})`;
   const afterFilter = filter.afterDeviceId === undefined ? sql`` : sql`and o.device_id > ${filter.afterDeviceId}`;
   const limit = filter.limit ?? 1000;
@@ -393,13 +393,25 @@ export async function listAwaitingAck(
   }));
 }
 
+/** Only one kind of key (and, for field keys, one field). */
+export interface KeyFilter {
+  kind?: KeyKind | undefined;
+  field?: string | undefined;
+}
+
+function keyFilter(filter: KeyFilter) {
+  const kind = filter.kind === undefined ? sql`` : sql`and o.kind = ${filter.kind}`;
+  const field = filter.kind === 'field' && filter.field !== undefined ? sql`and o.field = ${filter.field}` : sql``;
+  return sql`${kind} ${field}`;
+}
+
 /** How many devices (and key versions) of a group are awaiting acknowledgement, as listAwaitingAck counts them. */
-export async function countAwaitingAck(ex: DistributionExecutor, groupId: string): Promise<{ devices: number; versions: number }> {
+export async function countAwaitingAck(ex: DistributionExecutor, groupId: string, filter: KeyFilter = {}): Promise<{ devices: number; versions: number }> {
   const result = await sql<{ devices: number; versions: number }>`
     select count(distinct o.device_id) as devices, count(distinct (o.device_id, o.kind, o.field, o.version)) as versions
       from key_outbox o
       join devices d on d.id = o.device_id and d.group_id = ${groupId}
-     where o.with_key and o.status <> 'dropped'
+     where o.with_key and o.status <> 'dropped' ${keyFilter(filter)}
        and (exists (select 1 from device_versions v where o.kind = 'device' and v.device_id = o.device_id and v.version = o.version and v.state in ('pending', 'primary'))
          or exists (select 1 from field_versions f where o.kind = 'field' and f.device_id = o.device_id and f.field = o.field and f.version = o.version and f.state in ('pending', 'primary')))
        and not exists (select 1 from key_acks a where a.device_id = o.device_id and a.kind = o.kind and a.field = o.field and a.version >= o.version)`.execute(ex);
@@ -419,23 +431,52 @@ export async function countAwaitingAck(ex: DistributionExecutor, groupId: string
  * and for field_versions: `{ kind: 'field', deviceId: 'field_versions.device_id', field: 'field_versions.field', version: 'field_versions.version' }`.
  * References must be qualified (`table.column` or `alias.column`): unqualified, they would bind
  * to the subqueries' own tables. Apply it only where the policy asks to wait for acknowledgements.
+ *
+ * `sent`: which outbox rows count as "sent". `queued` (the default): pending or published, for
+ * when the publisher is on (a successor waiting out a broker outage has still not reached the
+ * device). `published`: only rows the broker accepted, for when MQTT is off: then nothing is
+ * being sent, so nothing waiting in the outbox holds a version.
  */
-export function successorUnacknowledged(ref: { kind: KeyKind; deviceId: string; version: string; field?: string }): RawBuilder<SqlBool> & Expression<SqlBool> {
-  for (const column of [ref.deviceId, ref.version, ...(ref.kind === 'field' ? [ref.field ?? ''] : [])]) {
-    if (!/^[A-Za-z_][A-Za-z0-9_]*\.[A-Za-z_][A-Za-z0-9_]*$/.test(column)) throw new Error(`successorUnacknowledged needs qualified column references (got "${column}")`);
-  }
-  const field = ref.kind === 'device' ? sql`''` : sql.ref(ref.field as string);
-  const deviceId = sql.ref(ref.deviceId);
-  const version = sql.ref(ref.version);
-  return sql<SqlBool>`(exists (select 1 from key_outbox so where so.device_id = ${deviceId} and so.kind = ${ref.kind} and so.field = ${field} and so.version > ${version} and so.with_key and so.status <> 'dropped')
+export function successorUnacknowledged(ref: SuccessorRef, options: { sent?: SentRows } = {}): RawBuilder<SqlBool> & Expression<SqlBool> {
+  const { deviceId, version, field } = successorRefs(ref);
+  return sql<SqlBool>`(${successorSent(ref, options)}
     and not exists (select 1 from key_acks sa where sa.device_id = ${deviceId} and sa.kind = ${ref.kind} and sa.field = ${field} and sa.version > ${version}))`;
 }
 
+export type SentRows = 'queued' | 'published';
+export interface SuccessorRef {
+  kind: KeyKind;
+  deviceId: string;
+  version: string;
+  field?: string;
+}
+
+/** The first half of successorUnacknowledged: a newer version of this key was sent (see `sent`). */
+export function successorSent(ref: SuccessorRef, options: { sent?: SentRows } = {}): RawBuilder<SqlBool> & Expression<SqlBool> {
+  const { deviceId, version, field } = successorRefs(ref);
+  const status = (options.sent ?? 'queued') === 'published' ? sql`so.status = 'published'` : sql`so.status <> 'dropped'`;
+  return sql<SqlBool>`exists (select 1 from key_outbox so where so.device_id = ${deviceId} and so.kind = ${ref.kind} and so.field = ${field} and so.version > ${version} and so.with_key and ${status})`;
+}
+
+/** When the device first acknowledged a version newer than this one (null: never), as SQL. */
+export function successorAcknowledgedAt(ref: SuccessorRef): RawBuilder<Date | null> {
+  const { deviceId, version, field } = successorRefs(ref);
+  return sql<Date | null>`(select min(sa.acknowledged_at) from key_acks sa where sa.device_id = ${deviceId} and sa.kind = ${ref.kind} and sa.field = ${field} and sa.version > ${version})`;
+}
+
+function successorRefs(ref: SuccessorRef) {
+  for (const column of [ref.deviceId, ref.version, ...(ref.kind === 'field' ? [ref.field ?? ''] : [])]) {
+    if (!/^[A-Za-z_][A-Za-z0-9_]*\.[A-Za-z_][A-Za-z0-9_]*$/.test(column)) throw new Error(`successorUnacknowledged needs qualified column references (got "${column}")`);
+  }
+  return { field: ref.kind === 'device' ? sql`''` : sql.ref(ref.field as string), deviceId: sql.ref(ref.deviceId), version: sql.ref(ref.version) };
+}
+
 /** The same predicate for one version (true: hold it in grace). */
-export async function isHeldForAck(ex: DistributionExecutor, key: { deviceId: string; kind: KeyKind; field?: string | undefined; version: number }): Promise<boolean> {
+export async function isHeldForAck(ex: DistributionExecutor, key: { deviceId: string; kind: KeyKind; field?: string | undefined; version: number }, options: { sent?: SentRows } = {}): Promise<boolean> {
   const field = key.kind === 'device' ? '' : (key.field ?? '');
+  const status = (options.sent ?? 'queued') === 'published' ? sql`so.status = 'published'` : sql`so.status <> 'dropped'`;
   const result = await sql<{ held: boolean }>`
-    select (exists (select 1 from key_outbox so where so.device_id = ${key.deviceId} and so.kind = ${key.kind} and so.field = ${field} and so.version > ${key.version} and so.with_key and so.status <> 'dropped')
+    select (exists (select 1 from key_outbox so where so.device_id = ${key.deviceId} and so.kind = ${key.kind} and so.field = ${field} and so.version > ${key.version} and so.with_key and ${status})
       and not exists (select 1 from key_acks sa where sa.device_id = ${key.deviceId} and sa.kind = ${key.kind} and sa.field = ${field} and sa.version > ${key.version})) as held`.execute(ex);
   return result.rows[0]?.held === true;
 }

@@ -8,5 +8,15 @@
  *    predicate, for where the policy asks to wait for acknowledgements.
  */
 export { enqueueKeyUpdate, enqueueKeyUpdates, type EnqueuedUpdate, type KeyUpdate } from './outbox.js';
-export { countAwaitingAck, isHeldForAck, listAwaitingAck, successorUnacknowledged, type AwaitingAck } from './distribution.repository.js';
+export {
+  countAwaitingAck,
+  isHeldForAck,
+  listAwaitingAck,
+  successorAcknowledgedAt,
+  successorSent,
+  successorUnacknowledged,
+  type AwaitingAck,
+  type KeyFilter,
+  type SentRows,
+} from './distribution.repository.js';
 export { distributionDb, type DistributionDB, type DistributionTables } from './distribution.tables.js';

@@ -6,8 +6,9 @@
  * `device_versions` rows → its `field_versions` rows → (last, at commit) the audit chain head.
  * The sweeps lock version rows only, with SKIP LOCKED, so they never wait on a device operation.
  */
-import { sql, type ExpressionBuilder, type Insertable, type Selectable, type Updateable } from 'kysely';
+import { sql, type ExpressionBuilder, type Insertable, type RawBuilder, type Selectable, type SqlBool, type Updateable } from 'kysely';
 import type { DB, Executor } from '../db/database.js';
+import { successorAcknowledgedAt, successorSent, successorUnacknowledged, type SentRows } from '../distribution/index.js';
 import type { DeviceVersionsTable, FieldVersionsTable, VersionState } from '../db/tables.js';
 import type { GroupVersionRow } from './key.repository.js';
 
@@ -128,6 +129,26 @@ export interface DueVersion {
   state: VersionState;
   state_until: Date;
   state_before_destroy: VersionState | null;
+  /**
+   * grace sweep: when the version's use for encryption really ended, which its decrypt_only
+   * state dates from: its grace end, or later when it was held for an acknowledgement (the
+   * first acknowledgement of a newer version, or the end of the longest hold)
+   */
+  changed_at: Date;
+}
+
+/**
+ * The grace sweep's hold for acknowledgements (issue 6): a version whose grace has ended stays
+ * in grace while the effective policy of its device's group says `graceRequiresAck` (group
+ * override → stored default → built-in), a newer version of the key was sent to the device
+ * (`sent`, see successorUnacknowledged) and the device has acknowledged none, and the hold has
+ * lasted less than `graceAckMaxHoldDays` after the grace end.
+ */
+export interface AckHold {
+  /** `queued` while the MQTT publisher is on; `published` when it is off (nothing is being sent) */
+  sent: SentRows;
+  /** the built-in policy of each level, for when no policy row is stored */
+  builtIn: Record<'device' | 'field', { graceRequiresAck: boolean | null; graceAckMaxHoldDays: number | null }>;
 }
 
 export interface DueQuery {
@@ -136,21 +157,80 @@ export interface DueQuery {
   limit: number;
   /** FOR UPDATE SKIP LOCKED (a real run); false for a dry run, which locks nothing */
   lock: boolean;
+  /** grace only: skip versions held for an acknowledgement; undefined: nothing is held */
+  ackHold?: AckHold | undefined;
+}
+
+type Level = 'device' | 'field';
+interface VersionRefs {
+  deviceId: string;
+  version: string;
+  stateUntil: string;
+  field?: string;
+}
+
+const FIELD_REFS: VersionRefs = { deviceId: 'fv.device_id', version: 'fv.version', stateUntil: 'fv.state_until', field: 'fv.field' };
+const DEVICE_REFS: VersionRefs = { deviceId: 'd.device_id', version: 'd.version', stateUntil: 'd.state_until' };
+
+/**
+ * When the hold of this version ends under its group's effective policy (grace end + the longest
+ * hold), or null when the policy does not wait for acknowledgements. One scalar subquery per
+ * row (device and group policy by primary key), so the sweep stays one statement per chunk; a
+ * subquery in WHERE locks nothing, FOR UPDATE still takes the version rows only.
+ */
+function holdEnd(level: Level, refs: VersionRefs, hold: AckHold): RawBuilder<Date | null> {
+  const l = sql.lit(level);
+  const builtIn = hold.builtIn[level];
+  const requires = sql`coalesce((hgp.overrides -> ${l} ->> 'graceRequiresAck')::boolean, hrp.grace_requires_ack, ${sql.lit(builtIn.graceRequiresAck ?? false)})`;
+  const days = sql`coalesce((hgp.overrides -> ${l} ->> 'graceAckMaxHoldDays')::integer, hrp.grace_ack_max_hold_days, ${sql.lit(builtIn.graceAckMaxHoldDays ?? 0)})`;
+  return sql<Date | null>`(select case when ${requires} then ${sql.ref(refs.stateUntil)} + ${days} * interval '1 day' end
+      from devices hd
+      left join group_policies hgp on hgp.group_id = hd.group_id
+      left join rotation_policies hrp on hrp.level = ${l}
+     where hd.id = ${sql.ref(refs.deviceId)})`;
+}
+
+const successor = (level: Level, refs: VersionRefs) =>
+  level === 'device' ? { kind: level, deviceId: refs.deviceId, version: refs.version } : { kind: level, deviceId: refs.deviceId, version: refs.version, field: refs.field as string };
+
+/** TRUE while this due grace version is held for an acknowledgement. */
+function heldForAck(level: Level, refs: VersionRefs, hold: AckHold, now: Date): RawBuilder<SqlBool> {
+  return sql<SqlBool>`(coalesce(${holdEnd(level, refs, hold)} > ${now}, false) and ${successorUnacknowledged(successor(level, refs), { sent: hold.sent })})`;
+}
+
+/** What the decrypt_only state dates from (DueVersion.changed_at). */
+function changedAt(level: Level, refs: VersionRefs, hold: AckHold | undefined): RawBuilder<Date> {
+  const until = sql.ref(refs.stateUntil);
+  if (hold === undefined) return sql<Date>`${until}`;
+  const end = holdEnd(level, refs, hold);
+  return sql<Date>`case when ${end} is not null and ${successorSent(successor(level, refs), { sent: hold.sent })}
+    then greatest(${until}, least(${end}, ${successorAcknowledgedAt(successor(level, refs))})) else ${until} end`;
 }
 
 export async function findDueFieldVersions(ex: Executor, q: DueQuery): Promise<DueVersion[]> {
+  const hold = q.state === 'grace' ? q.ackHold : undefined;
   let query = ex
-    .selectFrom('field_versions')
-    .select(['device_id', 'field', 'version', 'state', 'state_until', 'state_before_destroy'])
-    .where('state', '=', q.state)
-    .where('state_until', '<=', q.now)
-    .orderBy('state_until')
-    .orderBy('device_id')
-    .orderBy('field')
-    .orderBy('version')
+    .selectFrom('field_versions as fv')
+    .select(['fv.device_id', 'fv.field', 'fv.version', 'fv.state', 'fv.state_until', 'fv.state_before_destroy', changedAt('field', FIELD_REFS, hold).as('changed_at')])
+    .where('fv.state', '=', q.state)
+    .where('fv.state_until', '<=', q.now)
+    .orderBy('fv.state_until')
+    .orderBy('fv.device_id')
+    .orderBy('fv.field')
+    .orderBy('fv.version')
     .limit(q.limit);
+  if (hold) query = query.where((eb) => eb.not(heldForAck('field', FIELD_REFS, hold, q.now)));
   if (q.lock) query = query.forUpdate().skipLocked();
   return (await query.execute()) as DueVersion[];
+}
+
+/** Due grace versions of one level held for an acknowledgement right now (the sweep reports them). */
+export async function countHeldForAck(ex: Executor, level: Level, now: Date, hold: AckHold): Promise<number> {
+  const query =
+    level === 'device'
+      ? ex.selectFrom('device_versions as d').select((eb) => eb.fn.countAll<number>().as('n')).where('d.state', '=', 'grace').where('d.state_until', '<=', now).where(heldForAck('device', DEVICE_REFS, hold, now))
+      : ex.selectFrom('field_versions as fv').select((eb) => eb.fn.countAll<number>().as('n')).where('fv.state', '=', 'grace').where('fv.state_until', '<=', now).where(heldForAck('field', FIELD_REFS, hold, now));
+  return Number((await query.executeTakeFirstOrThrow()).n);
 }
 
 /**
@@ -159,9 +239,10 @@ export async function findDueFieldVersions(ex: Executor, q: DueQuery): Promise<D
  * would make them unreadable. (Due ones are erased in the same run, field level first.)
  */
 export async function findDueDeviceVersions(ex: Executor, q: DueQuery): Promise<DueVersion[]> {
+  const hold = q.state === 'grace' ? q.ackHold : undefined;
   let query = ex
     .selectFrom('device_versions as d')
-    .select(['d.device_id', sql<null>`null`.as('field'), 'd.version', 'd.state', 'd.state_until', 'd.state_before_destroy'])
+    .select(['d.device_id', sql<null>`null`.as('field'), 'd.version', 'd.state', 'd.state_until', 'd.state_before_destroy', changedAt('device', DEVICE_REFS, hold).as('changed_at')])
     .where('d.state', '=', q.state)
     .where('d.state_until', '<=', q.now)
     .orderBy('d.state_until')
@@ -169,6 +250,7 @@ export async function findDueDeviceVersions(ex: Executor, q: DueQuery): Promise<
     .orderBy('d.version')
     .limit(q.limit);
   if (q.state === 'destroy_scheduled') query = query.where((eb) => eb.not(eb.exists(liveChildren(eb, q.now))));
+  if (hold) query = query.where((eb) => eb.not(heldForAck('device', DEVICE_REFS, hold, q.now)));
   if (q.lock) query = query.forUpdate().skipLocked();
   return (await query.execute()) as DueVersion[];
 }

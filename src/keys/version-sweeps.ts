@@ -15,6 +15,13 @@
  * A device version is never erased while a field key version that is neither destroyed nor
  * due is still wrapped under it (that key would become unreadable); such versions are counted
  * in `blocked` and retried by later runs.
+ *
+ * With `ackHold` (issue 6, the rotation module passes it), a grace version whose successor was
+ * sent to the device over MQTT and not acknowledged stays in grace while its group's policy
+ * says `graceRequiresAck`, for at most `graceAckMaxHoldDays` after its grace end
+ * (lifecycle.repository.ts AckHold); such versions are counted in `heldForAck`. A held version
+ * that moves on dates its decrypt_only state from when the hold ended (the acknowledgement, or
+ * the end of the longest hold), not from its grace end.
  */
 import type { Kysely } from 'kysely';
 import type { AuditEventInput, AuditSink } from '../audit/audit.types.js';
@@ -64,17 +71,29 @@ export interface SweepResult {
   more: boolean;
 }
 
+export interface GraceResult extends SweepResult {
+  /** due grace versions left in grace: their successor was sent and not acknowledged, and the policy waits (0 without ackHold) */
+  heldForAck: number;
+}
+
 export interface DestroyResult extends SweepResult {
   /** due device versions left alone because live field key versions are still wrapped under them */
   blocked: number;
 }
 
 export interface VersionSweeps {
-  expireGrace(options?: SweepOptions): Promise<SweepResult>;
+  expireGrace(options?: SweepOptions): Promise<GraceResult>;
   destroyDue(options?: SweepOptions): Promise<DestroyResult>;
 }
 
-export function createVersionSweeps(deps: { db: Kysely<DB>; audit: AuditSink; material: Pick<KeyMaterial, 'cache'>; clock: Clock }): VersionSweeps {
+export function createVersionSweeps(deps: {
+  db: Kysely<DB>;
+  audit: AuditSink;
+  material: Pick<KeyMaterial, 'cache'>;
+  clock: Clock;
+  /** hold grace versions for acknowledgements (see above); undefined: never hold */
+  ackHold?: repo.AckHold | undefined;
+}): VersionSweeps {
   const { db, audit, material, clock } = deps;
 
   interface Pass {
@@ -89,7 +108,7 @@ export function createVersionSweeps(deps: { db: Kysely<DB>; audit: AuditSink; ma
   async function runPass(pass: Pass, level: 'device' | 'field', options: SweepOptions): Promise<{ items: SweepItem[]; full: boolean }> {
     const now = options.now ?? clock.now();
     const limit = boundedLimit(options.limit);
-    const query = { state: pass.from, now, limit };
+    const query = { state: pass.from, now, limit, ackHold: deps.ackHold };
     const toItem = (row: repo.DueVersion): SweepItem => ({
       level,
       deviceId: row.device_id,
@@ -120,20 +139,28 @@ export function createVersionSweeps(deps: { db: Kysely<DB>; audit: AuditSink; ma
 
   const keyIdOf = (row: repo.DueVersion) => (row.field === null ? `device:${row.device_id}` : `field:${fieldKeyId(row.device_id, row.field)}`);
 
+  // a version held for an acknowledgement says until when (the change dates from then)
+  const graceDetails = (row: repo.DueVersion) => ({
+    version: row.version,
+    graceUntil: row.state_until.toISOString(),
+    ...(row.changed_at.getTime() > row.state_until.getTime() ? { heldForAckUntil: row.changed_at.toISOString() } : {}),
+    state: 'decrypt_only',
+  });
   const graceField: Pass = {
     from: 'grace',
     to: 'decrypt_only',
     find: repo.findDueFieldVersions,
-    // The change dates from the grace's end, not from when cron got to it: a late run must not
-    // widen the window in which backends accept new messages under this version.
-    apply: (ex, row) => repo.updateFieldVersion(ex, row.device_id, row.field as string, row.version, 'grace', { state: 'decrypt_only', state_changed_at: row.state_until, state_until: null }),
-    event: (row) => ({ action: 'field_key.grace_expire', outcome: 'success', keyId: keyIdOf(row), details: { version: row.version, graceUntil: row.state_until.toISOString(), state: 'decrypt_only' } }),
+    // The change dates from the grace's end (or the end of a hold for an acknowledgement), not
+    // from when cron got to it: a late run must not widen the window in which backends accept
+    // new messages under this version.
+    apply: (ex, row) => repo.updateFieldVersion(ex, row.device_id, row.field as string, row.version, 'grace', { state: 'decrypt_only', state_changed_at: row.changed_at, state_until: null }),
+    event: (row) => ({ action: 'field_key.grace_expire', outcome: 'success', keyId: keyIdOf(row), details: graceDetails(row) }),
   };
   const graceDevice: Pass = {
     ...graceField,
     find: repo.findDueDeviceVersions,
-    apply: (ex, row) => repo.updateDeviceVersion(ex, row.device_id, row.version, 'grace', { state: 'decrypt_only', state_changed_at: row.state_until, state_until: null }),
-    event: (row) => ({ action: 'device.grace_expire', outcome: 'success', keyId: keyIdOf(row), details: { version: row.version, graceUntil: row.state_until.toISOString(), state: 'decrypt_only' } }),
+    apply: (ex, row) => repo.updateDeviceVersion(ex, row.device_id, row.version, 'grace', { state: 'decrypt_only', state_changed_at: row.changed_at, state_until: null }),
+    event: (row) => ({ action: 'device.grace_expire', outcome: 'success', keyId: keyIdOf(row), details: graceDetails(row) }),
   };
   const destroyEvent = (action: string) => (row: repo.DueVersion): Omit<AuditEventInput, 'actor' | 'requestId'> => ({
     action,
@@ -155,11 +182,14 @@ export function createVersionSweeps(deps: { db: Kysely<DB>; audit: AuditSink; ma
     event: destroyEvent('device.destroy'),
   };
 
-  async function expireGrace(options: SweepOptions = {}): Promise<SweepResult> {
-    const pinned = { ...options, now: options.now ?? clock.now() };
+  async function expireGrace(options: SweepOptions = {}): Promise<GraceResult> {
+    const now = options.now ?? clock.now();
+    const pinned = { ...options, now };
     const fields = await runPass(graceField, 'field', pinned);
     const devices = await runPass(graceDevice, 'device', pinned);
-    return summary(options, devices, fields);
+    const hold = deps.ackHold;
+    const heldForAck = hold ? (await repo.countHeldForAck(db, 'field', now, hold)) + (await repo.countHeldForAck(db, 'device', now, hold)) : 0;
+    return { ...summary(options, devices, fields), heldForAck };
   }
 
   async function destroyDue(options: SweepOptions = {}): Promise<DestroyResult> {

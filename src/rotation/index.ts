@@ -14,7 +14,7 @@ import { createVersionSweeps, type VersionSweeps } from '../keys/version-sweeps.
 import { createComplianceService, type ComplianceService } from './compliance.service.js';
 import { createGroupRotationService, type GroupRotationHooks, type GroupRotationService } from './group-rotation.service.js';
 import { createKekRotationService, type KekRotationHooks, type KekRotationService } from './kek-rotation.service.js';
-import { DAY_MS } from './policy.defaults.js';
+import { BUILT_IN_POLICIES, DAY_MS } from './policy.defaults.js';
 import { createPolicyService, type PolicyService } from './policy.service.js';
 import { createRolloutMetrics } from './rollout.metrics.js';
 import { createRolloutService, type RolloutService, type RolloutServiceDeps } from './rollout.service.js';
@@ -45,6 +45,12 @@ export interface RotationDeps {
   clock: Clock;
   /** the grace-expiry and destruction sweeps of device and field key versions (built from the deps when left out) */
   sweeps?: VersionSweeps | undefined;
+  /**
+   * the MQTT publisher is on (config.mqtt): the grace sweep then also holds versions whose
+   * successor is still queued in the outbox; off (default), only successors the broker accepted
+   * earlier hold a version (nothing is being sent, so nothing waiting in the outbox holds one)
+   */
+  mqttEnabled?: boolean | undefined;
   /** the cron entry runs due rollout waves through this hook (default: the rollout service) */
   dueWaves?: DueWaves | undefined;
   /** rollout tuning (chunk size, workers) and test hooks */
@@ -66,7 +72,9 @@ export function createRotation(deps: RotationDeps): Rotation {
   const kekRotation = createKekRotationService({ db, kek, audit, clock, policies, batchSize: deps.kekBatchSize, hooks: deps.hooks });
   const groupRotation = createGroupRotationService({ db, material, audit, clock, chunkSize: deps.childChunkSize, hooks: deps.hooks });
   const status = createRotationStatusService({ db, kek, clock, policies });
-  const sweeps = deps.sweeps ?? createVersionSweeps({ db, audit, material, clock });
+  // issue 6: grace versions wait for the device's acknowledgement of their successor when the group's policy says so
+  const ackHold = { sent: deps.mqttEnabled === true ? ('queued' as const) : ('published' as const), builtIn: { device: BUILT_IN_POLICIES.device, field: BUILT_IN_POLICIES.field } };
+  const sweeps = deps.sweeps ?? createVersionSweeps({ db, audit, material, clock, ackHold });
   const rollouts = createRolloutService({
     db,
     material,

@@ -14,6 +14,11 @@
  *           the old and the new key); old versions are kept (data encrypted under them stays
  *           readable) until an operator sets a retention.
  *   field   weekly, 20 % a day (a rollout must finish inside the week), grace 2 d, kept.
+ *
+ * Device and field levels also wait for acknowledgements (graceRequiresAck): a version whose
+ * grace has ended stays in grace while its successor was sent to the device over MQTT and not
+ * acknowledged, for at most graceAckMaxHoldDays (30) after the grace's end, then moves on anyway
+ * (a dead device must not freeze rotation). null for kek and group: nothing is sent to devices.
  */
 import type { PolicyLevel } from './rotation.tables.js';
 import type { LevelPolicy } from './policy.schemas.js';
@@ -21,10 +26,10 @@ import type { LevelPolicy } from './policy.schemas.js';
 export const POLICY_LEVELS: readonly PolicyLevel[] = ['kek', 'group', 'device', 'field'];
 
 export const BUILT_IN_POLICIES: Readonly<Record<PolicyLevel, Readonly<LevelPolicy>>> = Object.freeze({
-  kek: { rotationPeriodDays: 365, gracePeriodDays: 30, retentionDays: null, destructionWaitDays: 7, percentPerDay: null, haltThreshold: null },
-  group: { rotationPeriodDays: 90, gracePeriodDays: 0, retentionDays: 30, destructionWaitDays: 7, percentPerDay: null, haltThreshold: null },
-  device: { rotationPeriodDays: 30, gracePeriodDays: 7, retentionDays: null, destructionWaitDays: 7, percentPerDay: 10, haltThreshold: 0.01 },
-  field: { rotationPeriodDays: 7, gracePeriodDays: 2, retentionDays: null, destructionWaitDays: 7, percentPerDay: 20, haltThreshold: 0.01 },
+  kek: { rotationPeriodDays: 365, gracePeriodDays: 30, retentionDays: null, destructionWaitDays: 7, percentPerDay: null, haltThreshold: null, graceRequiresAck: null, graceAckMaxHoldDays: null },
+  group: { rotationPeriodDays: 90, gracePeriodDays: 0, retentionDays: 30, destructionWaitDays: 7, percentPerDay: null, haltThreshold: null, graceRequiresAck: null, graceAckMaxHoldDays: null },
+  device: { rotationPeriodDays: 30, gracePeriodDays: 7, retentionDays: null, destructionWaitDays: 7, percentPerDay: 10, haltThreshold: 0.01, graceRequiresAck: true, graceAckMaxHoldDays: 30 },
+  field: { rotationPeriodDays: 7, gracePeriodDays: 2, retentionDays: null, destructionWaitDays: 7, percentPerDay: 20, haltThreshold: 0.01, graceRequiresAck: true, graceAckMaxHoldDays: 30 },
 });
 
 export const DAY_MS = 24 * 60 * 60 * 1000;

@@ -12,7 +12,7 @@ export interface GroupPolicyRow {
   updated_by: string;
 }
 
-const POLICY_COLUMNS = ['level', 'rotation_period_days', 'grace_period_days', 'retention_days', 'destruction_wait_days', 'percent_per_day', 'halt_threshold', 'updated_at', 'updated_by'] as const;
+const POLICY_COLUMNS = ['level', 'rotation_period_days', 'grace_period_days', 'retention_days', 'destruction_wait_days', 'percent_per_day', 'halt_threshold', 'grace_requires_ack', 'grace_ack_max_hold_days', 'updated_at', 'updated_by'] as const;
 
 export async function listPolicies(ex: RotationExecutor, options: { forUpdate?: boolean } = {}): Promise<PolicyRow[]> {
   let query = ex.selectFrom('rotation_policies').select(POLICY_COLUMNS).orderBy('level');

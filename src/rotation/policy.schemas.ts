@@ -17,6 +17,13 @@ const levelFields = {
   haltThreshold: Type.Union([Type.Number({ minimum: 0, maximum: 1 }), Type.Null()], {
     description: 'staggered rollouts: a wave whose failure rate exceeds this halts the rollout (0.01 = 1 %); null for kek and group',
   }),
+  graceRequiresAck: Type.Union([Type.Boolean(), Type.Null()], {
+    description:
+      'device and field levels: a version whose grace has ended stays in `grace` while its successor was sent to the device over MQTT (queued while the publisher is on, or published) and the device has acknowledged no newer version; false: it becomes `decrypt_only` at the grace end regardless. Without MQTT nothing is sent, so nothing is held. null for kek and group',
+  }),
+  graceAckMaxHoldDays: Type.Union([days('the longest such hold, counted from the grace end; then the version becomes `decrypt_only` anyway (a dead device must not freeze rotation)', 1, 3650), Type.Null()], {
+    description: 'device and field levels: the longest a version is held in grace for an acknowledgement, in days after its grace end; null for kek and group',
+  }),
 };
 
 export const LevelPolicy = Type.Object(levelFields, { additionalProperties: false });

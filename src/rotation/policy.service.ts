@@ -70,6 +70,8 @@ export function createPolicyService(deps: { db: Kysely<DB>; audit: AuditSink; cl
       destructionWaitDays: row.destruction_wait_days,
       percentPerDay: row.percent_per_day,
       haltThreshold: row.halt_threshold,
+      graceRequiresAck: row.grace_requires_ack,
+      graceAckMaxHoldDays: row.grace_ack_max_hold_days,
     };
   }
 
@@ -114,6 +116,8 @@ export function createPolicyService(deps: { db: Kysely<DB>; audit: AuditSink; cl
             destruction_wait_days: next.destructionWaitDays,
             percent_per_day: next.percentPerDay,
             halt_threshold: next.haltThreshold,
+            grace_requires_ack: next.graceRequiresAck,
+            grace_ack_max_hold_days: next.graceAckMaxHoldDays,
             updated_at: now,
             updated_by: who.actor,
           });
@@ -218,11 +222,15 @@ export function validateLevel(level: PolicyLevel, policy: LevelPolicy, field: st
   if (rollouts) {
     if (policy.percentPerDay === null) fail('percentPerDay', 'is required for the device and field levels (staggered rollouts)');
     if (policy.haltThreshold === null) fail('haltThreshold', 'is required for the device and field levels (staggered rollouts)');
+    if (policy.graceRequiresAck === null) fail('graceRequiresAck', 'is required for the device and field levels (keys are sent to devices)');
+    if (policy.graceAckMaxHoldDays === null) fail('graceAckMaxHoldDays', 'is required for the device and field levels (keys are sent to devices)');
     // a version past its grace must not still be needed for encryption when the next rotation comes
     if (policy.gracePeriodDays >= policy.rotationPeriodDays) fail('gracePeriodDays', 'must be shorter than rotationPeriodDays');
   } else {
     if (policy.percentPerDay !== null) fail('percentPerDay', `must be null for the ${level} level (it is not rolled out to devices)`);
     if (policy.haltThreshold !== null) fail('haltThreshold', `must be null for the ${level} level (it is not rolled out to devices)`);
+    if (policy.graceRequiresAck !== null) fail('graceRequiresAck', `must be null for the ${level} level (it is not sent to devices)`);
+    if (policy.graceAckMaxHoldDays !== null) fail('graceAckMaxHoldDays', `must be null for the ${level} level (it is not sent to devices)`);
   }
   // nothing but keystrata encrypts with a group DEK: a rotated group version goes straight to decrypt_only
   if (level === 'group' && policy.gracePeriodDays !== 0) fail('gracePeriodDays', 'must be 0 for the group level (an old group version is decrypt_only at once)');

@@ -1,6 +1,7 @@
 /** The HTTP contract of staggered rollouts (TypeBox: validation, types and OpenAPI). */
 import { Type, type Static } from '@sinclair/typebox';
 import { DeviceId, FieldName, GroupId, PageQuery } from '../http/schemas.js';
+import { AwaitingAck } from './awaiting-ack.js'; // issue 6 (acknowledgements)
 
 const Count = Type.Integer({ minimum: 0 });
 const Time = Type.String({ format: 'date-time' });
@@ -109,6 +110,7 @@ export type RolloutSummaryView = Static<typeof RolloutSummary>;
 export const Rollout = Type.Object(
   {
     ...RolloutFields,
+    awaitingAck: AwaitingAck, // issue 6 (acknowledgements): devices of the group whose current key of the rollout's level (and field) is not acknowledged yet
     devicesOnOldVersions: Type.Integer({
       minimum: 0,
       description: 'devices of the group not on a key from this rollout: device level, whose primary device DEK the rollout did not make; field level, with a primary field key (of the field) the rollout did not rotate',

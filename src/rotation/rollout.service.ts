@@ -61,6 +61,7 @@ import type { PolicyService } from './policy.service.js';
 import type { RolloutMetrics } from './rollout.metrics.js';
 import * as repo from './rollout.repository.js';
 import type { RolloutListView, RolloutSummaryView, RolloutView, StartRolloutBody } from './rollout.schemas.js';
+import { awaitingAckOf } from './awaiting-ack.js'; // issue 6 (acknowledgements)
 import { rolloutDb, type ItemFieldRotation, type RolloutDB, type RolloutLevel, type RolloutState, type WaveState } from './rollout.tables.js';
 import { bucketOffset, BUCKETS, planWaves, rawRanges, waveDueAt } from './rollout.waves.js';
 import * as rotationRepo from './rotation.repository.js';
@@ -281,6 +282,8 @@ export function createRolloutService(deps: RolloutServiceDeps) {
     return {
       ...summaryOf(r, waves),
       devicesOnOldVersions: onOld,
+      // issue 6 (acknowledgements): devices of the group that have not acknowledged their current key of this level
+      awaitingAck: await awaitingAckOf(deps.db, r.group_id, { kind: r.level, field: r.field ?? undefined }),
       waves: waves.map((w) => ({
         wave: w.wave,
         kind: w.kind,

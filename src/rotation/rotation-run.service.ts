@@ -22,7 +22,7 @@ import type { Clock } from '../clock.js';
 import type { DB, Executor } from '../db/database.js';
 import { AppError } from '../http/errors.js';
 import type { Actor } from '../keys/key.service.js';
-import type { DestroyResult, SweepResult, VersionSweeps } from '../keys/version-sweeps.js';
+import type { DestroyResult, GraceResult, SweepResult, VersionSweeps } from '../keys/version-sweeps.js';
 import type { GroupRotationService } from './group-rotation.service.js';
 import type { KekRotationService, KekRotationSummary } from './kek-rotation.service.js';
 import { inMaintenanceWindow } from './maintenance-window.js';
@@ -253,12 +253,13 @@ function addChildren(summary: RunSummaryView, groupId: string, r: { rewrapped: n
   for (const f of r.failures) if (c.failures.length < MAX_LISTED) c.failures.push({ groupId, ...f });
 }
 
-function sweepView(result: SweepResult | DestroyResult): NonNullable<RunSummaryView['sweeps']['graceExpired']> {
+function sweepView(result: SweepResult | GraceResult | DestroyResult): NonNullable<RunSummaryView['sweeps']['graceExpired']> {
   return {
     devices: result.devices,
     fields: result.fields,
     more: result.more,
     ...('blocked' in result ? { blocked: result.blocked } : {}),
+    ...('heldForAck' in result ? { heldForAck: result.heldForAck } : {}),
     items: result.items.slice(0, MAX_LISTED).map((i) => ({ level: i.level, deviceId: i.deviceId, ...(i.field !== undefined ? { field: i.field } : {}), version: i.version, from: i.from, to: i.to, due: i.due })),
   };
 }

@@ -2,7 +2,8 @@
  * Rotation debt of one group (DESIGN §3, GET /v1/groups/{id}/rotation-status): per level the
  * versions in each state, the children still wrapped under old parent versions, and what keeps
  * each old group version from being retired (children, retention, waiting period), and per
- * level the active staggered rollout with the devices still on keys older than its start.
+ * level the active staggered rollout with the devices still on keys older than its start, and
+ * the devices that have not acknowledged keys sent to them over MQTT (awaiting-ack.ts).
  * Read-only; no key material is read.
  */
 import type { Kysely } from 'kysely';
@@ -13,6 +14,7 @@ import { NotFoundError } from '../http/errors.js';
 import type { KekProvider } from '../kek/kek.types.js';
 import * as keys from '../keys/key.repository.js';
 import { VERSION_STATES } from '../keys/lifecycle.js';
+import { awaitingAckOf, type AwaitingAckView } from './awaiting-ack.js';
 import { inMaintenanceWindow } from './maintenance-window.js';
 import { addDays } from './policy.defaults.js';
 import type { PolicyService } from './policy.service.js';
@@ -85,6 +87,8 @@ export function createRotationStatusService(deps: { db: Kysely<DB>; kek: Pick<Ke
     }
     const dueCounts = due.get(groupId) ?? { devices: 0, fields: 0 };
     const [deviceRollout, fieldRollout] = await Promise.all((['device', 'field'] as const).map((level) => activeRollout(groupId, level)));
+    // issue 6: keys sent to devices over MQTT and not acknowledged yet
+    const [deviceAcks, fieldAcks] = await Promise.all((['device', 'field'] as const).map((kind) => awaitingAckOf(deps.db, groupId, { kind })));
 
     return {
       groupId,
@@ -109,12 +113,14 @@ export function createRotationStatusService(deps: { db: Kysely<DB>; kek: Pick<Ke
         primariesDueForRotation: dueCounts.devices,
         oldVersionsWithFieldKeys: oldDeviceVersionsWithFields,
         rollout: deviceRollout ?? null,
+        awaitingAck: deviceAcks as AwaitingAckView,
       },
       fields: {
         states: stateCounts(fieldStates),
         wrappedUnderOldDeviceVersions: fieldsUnderOld,
         primariesDueForRotation: dueCounts.fields,
         rollout: fieldRollout ?? null,
+        awaitingAck: fieldAcks as AwaitingAckView,
       },
     };
   }

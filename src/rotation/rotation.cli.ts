@@ -34,7 +34,7 @@ export async function rotateCommand(
   const runtime = await openRuntime();
   try {
     const material = createKeyMaterial({ kek: runtime.kek, cache: createKeyCache(runtime.config.keyCache) });
-    const rotation = createRotation({ db: runtime.database.db, kek: runtime.kek, material, audit: runtime.audit, clock: runtime.clock });
+    const rotation = createRotation({ db: runtime.database.db, kek: runtime.kek, material, audit: runtime.audit, clock: runtime.clock, mqttEnabled: runtime.config.mqtt !== undefined });
     const summary = await rotation.runner.run({ actor: 'cli' }, { dryRun: values['dry-run'] === true, limit, log: runtime.logger });
     out.write(`${JSON.stringify(summary, null, 2)}\n`);
     return summary.errors.length === 0 ? 0 : 1;

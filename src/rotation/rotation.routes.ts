@@ -27,7 +27,7 @@ export const rotationRoutes: FastifyPluginAsyncTypebox<{ rotation: Rotation }> =
       operationId: 'putPolicies',
       tags: ['rotation'],
       summary: 'Change default rotation policies (audited as policy.change)',
-      description: 'Levels and fields left out keep their current value. Rules beyond the field ranges: device and field levels need percentPerDay and haltThreshold, and a grace period shorter than the rotation period; kek and group have neither; the group grace period is 0.',
+      description: 'Levels and fields left out keep their current value. Rules beyond the field ranges: device and field levels need percentPerDay, haltThreshold, graceRequiresAck and graceAckMaxHoldDays, and a grace period shorter than the rotation period; kek and group have none of them (null); the group grace period is 0.',
       body: p.PutPoliciesBody,
       response: { 200: p.Policies, ...errorResponses() },
     },

@@ -1,6 +1,7 @@
 /** The HTTP contract of rotation: KEK and group rotation, the cron entry, rotation debt. */
 import { Type, type Static } from '@sinclair/typebox';
 import { DeviceId, GroupId, VersionState } from '../http/schemas.js';
+import { AwaitingAck } from './awaiting-ack.js';
 import { LevelPolicy, MaintenanceWindow } from './policy.schemas.js';
 
 const Count = Type.Integer({ minimum: 0 });
@@ -130,6 +131,9 @@ const SweepSummary = Type.Object(
     fields: Count,
     more: Type.Boolean(),
     blocked: Type.Optional(Count),
+    heldForAck: Type.Optional(
+      Type.Integer({ minimum: 0, description: 'grace expiry: versions past their grace end kept in grace, their successor sent to the device and not acknowledged (policy graceRequiresAck, at most graceAckMaxHoldDays)' }),
+    ),
     items: Type.Array(
       Type.Object(
         {
@@ -304,11 +308,12 @@ export const RotationStatus = Type.Object(
         primariesDueForRotation: Count,
         oldVersionsWithFieldKeys: Type.Integer({ minimum: 0, description: 'non-primary device versions that field key versions are still wrapped under' }),
         rollout: ActiveRollout,
+        awaitingAck: AwaitingAck,
       },
       { additionalProperties: false },
     ),
     fields: Type.Object(
-      { states: StateCounts, wrappedUnderOldDeviceVersions: Count, primariesDueForRotation: Count, rollout: ActiveRollout },
+      { states: StateCounts, wrappedUnderOldDeviceVersions: Count, primariesDueForRotation: Count, rollout: ActiveRollout, awaitingAck: AwaitingAck },
       { additionalProperties: false },
     ),
   },

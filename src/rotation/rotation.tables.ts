@@ -21,6 +21,9 @@ export interface RotationPoliciesTable {
   destruction_wait_days: number;
   percent_per_day: number | null;
   halt_threshold: number | null;
+  /** migrations/20261121000800_grace_requires_ack.ts: device and field levels only (null for kek and group) */
+  grace_requires_ack: boolean | null;
+  grace_ack_max_hold_days: number | null;
   updated_at: DefaultedTimestamp;
   updated_by: string;
 }

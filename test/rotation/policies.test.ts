@@ -20,10 +20,10 @@ describe('rotation policies', () => {
     const response = await call(f.t.app, f.admin, 'GET', '/v1/policies');
     expect(response.status, response.raw).toBe(200);
     expect(response.body).toEqual({
-      kek: { rotationPeriodDays: 365, gracePeriodDays: 30, retentionDays: null, destructionWaitDays: 7, percentPerDay: null, haltThreshold: null, source: 'built-in', updatedAt: null, updatedBy: null },
-      group: { rotationPeriodDays: 90, gracePeriodDays: 0, retentionDays: 30, destructionWaitDays: 7, percentPerDay: null, haltThreshold: null, source: 'built-in', updatedAt: null, updatedBy: null },
-      device: { rotationPeriodDays: 30, gracePeriodDays: 7, retentionDays: null, destructionWaitDays: 7, percentPerDay: 10, haltThreshold: 0.01, source: 'built-in', updatedAt: null, updatedBy: null },
-      field: { rotationPeriodDays: 7, gracePeriodDays: 2, retentionDays: null, destructionWaitDays: 7, percentPerDay: 20, haltThreshold: 0.01, source: 'built-in', updatedAt: null, updatedBy: null },
+      kek: { rotationPeriodDays: 365, gracePeriodDays: 30, retentionDays: null, destructionWaitDays: 7, percentPerDay: null, haltThreshold: null, graceRequiresAck: null, graceAckMaxHoldDays: null, source: 'built-in', updatedAt: null, updatedBy: null },
+      group: { rotationPeriodDays: 90, gracePeriodDays: 0, retentionDays: 30, destructionWaitDays: 7, percentPerDay: null, haltThreshold: null, graceRequiresAck: null, graceAckMaxHoldDays: null, source: 'built-in', updatedAt: null, updatedBy: null },
+      device: { rotationPeriodDays: 30, gracePeriodDays: 7, retentionDays: null, destructionWaitDays: 7, percentPerDay: 10, haltThreshold: 0.01, graceRequiresAck: true, graceAckMaxHoldDays: 30, source: 'built-in', updatedAt: null, updatedBy: null },
+      field: { rotationPeriodDays: 7, gracePeriodDays: 2, retentionDays: null, destructionWaitDays: 7, percentPerDay: 20, haltThreshold: 0.01, graceRequiresAck: true, graceAckMaxHoldDays: 30, source: 'built-in', updatedAt: null, updatedBy: null },
     });
   });
 
@@ -54,6 +54,9 @@ describe('rotation policies', () => {
     [{ group: { rotationPeriodDays: 0 } }, 'body.group.rotationPeriodDays'],
     [{ group: { rotationPeriodDays: '90' } }, 'body.group.rotationPeriodDays'],
     [{ device: { haltThreshold: 2 } }, 'body.device.haltThreshold'],
+    [{ device: { graceRequiresAck: null } }, 'body.device.graceRequiresAck'],
+    [{ group: { graceRequiresAck: true } }, 'body.group.graceRequiresAck'],
+    [{ field: { graceAckMaxHoldDays: 0 } }, 'body.field.graceAckMaxHoldDays'],
     [{ device: { rotationPeriod: 30 } }, 'body.device.rotationPeriod'],
     [{ device: {} }, 'body.device'],
     [{}, 'body'],
