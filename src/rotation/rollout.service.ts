@@ -144,6 +144,8 @@ class ChunkAborted extends Error {
 
 interface ChunkResult {
   claimed: number;
+  /** the last device claimed (the worker's cursor) */
+  last?: string | undefined;
   done: number;
   failed: number;
   skipped: number;
@@ -546,7 +548,8 @@ export function createRolloutService(deps: RolloutServiceDeps) {
         budget.left -= size;
         let chunk: ChunkResult;
         try {
-          chunk = await withGroupKeys(r.group_id, keys, () => (r.level === 'device' ? deviceChunk(who, r, wave, keys, size, graceMs, cursor) : fieldChunk(who, r, wave, keys, size, graceMs, cursor)));
+          const after = cursor.after;
+          chunk = await withGroupKeys(r.group_id, keys, () => (r.level === 'device' ? deviceChunk(who, r, wave, keys, size, graceMs, after) : fieldChunk(who, r, wave, keys, size, graceMs, after)));
         } catch (error) {
           budget.left += size;
           if (error instanceof ChunkAborted) {
@@ -557,6 +560,7 @@ export function createRolloutService(deps: RolloutServiceDeps) {
           throw error;
         }
         budget.left += size - chunk.claimed;
+        if (chunk.last !== undefined) cursor.after = chunk.last; // only once committed: a chunk that rolled back is claimed again
         if (chunk.claimed === 0) {
           if (cursor.after !== undefined && !cursor.restarted) {
             cursor.after = undefined;
@@ -665,7 +669,7 @@ export function createRolloutService(deps: RolloutServiceDeps) {
   };
 
   /** One chunk of a device-level wave, in one transaction. */
-  async function deviceChunk(who: Actor, r: repo.RolloutRow, wave: number, keys: GroupKeys, size: number, graceMs: number, cursor: { after?: string | undefined }): Promise<ChunkResult> {
+  async function deviceChunk(who: Actor, r: repo.RolloutRow, wave: number, keys: GroupKeys, size: number, graceMs: number, after: string | undefined): Promise<ChunkResult> {
     const started = process.hrtime.bigint();
     const scratch: Buffer[] = [];
     try {
@@ -683,9 +687,8 @@ export function createRolloutService(deps: RolloutServiceDeps) {
           if (groupKey === undefined) throw new NeedGroupKeys();
           if (groupKey === null) throw new ConflictError(`Group ${r.group_id} v${gp.version} has no readable material`, 'parent_missing');
 
-          const ids = await repo.claimPendingItems(trx, r.id, wave, cursor.after, size);
+          const ids = await repo.claimPendingItems(trx, r.id, wave, after, size);
           if (ids.length === 0) return { claimed: 0, done: 0, failed: 0, skipped: 0, fields: 0, events: 0 };
-          cursor.after = ids.at(-1);
           const devices = await repo.lockDevices(trx, ids);
           const versions = groupBy(await repo.lockDeviceVersions(trx, ids));
           const fields = groupBy(await repo.lockFieldVersions(trx, ids));
@@ -749,7 +752,7 @@ export function createRolloutService(deps: RolloutServiceDeps) {
           const tally = { claimed: ids.length, done: count('done'), failed: count('failed'), skipped: count('skipped'), fields: rewraps.length };
           const halted = await chunkTail(trx, who, r, wave, tally, events, now);
           await audit.record(ex(trx), events);
-          return { ...tally, ...(halted ? { halted } : {}), events: events.length };
+          return { ...tally, ...(halted ? { halted } : {}), events: events.length, last: ids.at(-1) };
         });
       afterChunk(r, 'forward', out, started);
       return out;
@@ -759,7 +762,7 @@ export function createRolloutService(deps: RolloutServiceDeps) {
   }
 
   /** One chunk of a field-level wave: each device's field keys (of the field, or all) get a new primary under the device's primary DEK. */
-  async function fieldChunk(who: Actor, r: repo.RolloutRow, wave: number, keys: GroupKeys, size: number, graceMs: number, cursor: { after?: string | undefined }): Promise<ChunkResult> {
+  async function fieldChunk(who: Actor, r: repo.RolloutRow, wave: number, keys: GroupKeys, size: number, graceMs: number, after: string | undefined): Promise<ChunkResult> {
     const started = process.hrtime.bigint();
     const scratch: Buffer[] = [];
     try {
@@ -769,9 +772,8 @@ export function createRolloutService(deps: RolloutServiceDeps) {
           const now = clock.now();
           const current = await repo.findRollout(trx, r.id);
           if (!current || current.state !== 'running') throw new ChunkAborted(current?.state);
-          const ids = await repo.claimPendingItems(trx, r.id, wave, cursor.after, size);
+          const ids = await repo.claimPendingItems(trx, r.id, wave, after, size);
           if (ids.length === 0) return { claimed: 0, done: 0, failed: 0, skipped: 0, fields: 0, events: 0 };
-          cursor.after = ids.at(-1);
           const devices = await repo.lockDevices(trx, ids);
           const versions = groupBy(await repo.lockDeviceVersions(trx, ids));
           const fields = groupBy(await repo.lockFieldVersions(trx, ids));
@@ -832,7 +834,7 @@ export function createRolloutService(deps: RolloutServiceDeps) {
           const tally = { claimed: ids.length, done: count('done'), failed: count('failed'), skipped: count('skipped'), fields: inserts.length };
           const halted = await chunkTail(trx, who, r, wave, tally, events, now);
           await audit.record(ex(trx), events);
-          return { ...tally, ...(halted ? { halted } : {}), events: events.length };
+          return { ...tally, ...(halted ? { halted } : {}), events: events.length, last: ids.at(-1) };
         });
       afterChunk(r, 'forward', out, started);
       return out;
@@ -966,7 +968,7 @@ export function createRolloutService(deps: RolloutServiceDeps) {
           return;
         }
         const size = Math.min(chunkSize, budget.left);
-        let chunk: ChunkResult & { last?: string };
+        let chunk: ChunkResult;
         try {
           chunk = await withGroupKeys(r.group_id, keys, () => rollbackChunk(who, r, wave, keys, after, size));
         } catch (error) {
@@ -992,14 +994,14 @@ export function createRolloutService(deps: RolloutServiceDeps) {
    * A device whose versions moved since (rotated again, grace over, being destroyed) stays on
    * the new key (`rollback_failed`, with the reason).
    */
-  async function rollbackChunk(who: Actor, r: repo.RolloutRow, wave: number, keys: GroupKeys, after: string | undefined, size: number): Promise<ChunkResult & { last?: string }> {
+  async function rollbackChunk(who: Actor, r: repo.RolloutRow, wave: number, keys: GroupKeys, after: string | undefined, size: number): Promise<ChunkResult> {
     const started = process.hrtime.bigint();
     const scratch: Buffer[] = [];
     const disabled: Array<{ deviceId: string; version: number }> = [];
     try {
       const out = await db()
         .transaction()
-        .execute(async (trx): Promise<ChunkResult & { last?: string; rolledBack: number; rollbackFailed: number }> => {
+        .execute(async (trx): Promise<ChunkResult & { rolledBack: number; rollbackFailed: number }> => {
           const now = clock.now();
           const current = await repo.findRollout(trx, r.id);
           if (!current || current.state !== 'rolling_back') throw new ChunkAborted(current?.state);
