@@ -176,7 +176,12 @@ export function createKeystrataClient(options: KeystrataClientOptions) {
     return { out, fetched: toFetch.size };
   }
 
-  /** Ask the service for these versions; a key seen in another version is re-read whole. */
+  /**
+   * Ask the service for these versions. A version not held (fresh or stale) of a key held in
+   * other versions is the sign of a rotation: that key is re-read whole. A version merely
+   * stale is re-read alone: re-reading the whole key at every TTL refresh would fetch (and
+   * make the service unwrap and audit) every version a key has ever kept.
+   */
   async function fetchVersions(refs: readonly KeyRef[], forced: ReadonlySet<string>): Promise<Map<string, Resolution>> {
     const items: FetchItem[] = [];
     const rereadWhole = new Set<string>();
@@ -184,7 +189,8 @@ export function createKeystrataClient(options: KeystrataClientOptions) {
       items.push(item(ref.deviceId, ref.field, ref.version));
       const name = keyNameOf(ref.deviceId, ref.field);
       const known = cache.versionsOf(name);
-      if (!rereadWhole.has(name) && (forced.has(kidOf(ref.deviceId, ref.field, ref.version)) || known.some((v) => v.version !== ref.version))) {
+      const rotated = known.length > 0 && !known.some((v) => v.version === ref.version);
+      if (!rereadWhole.has(name) && (forced.has(kidOf(ref.deviceId, ref.field, ref.version)) || rotated)) {
         rereadWhole.add(name);
         items.push(item(ref.deviceId, ref.field, 'all'));
       }

@@ -335,6 +335,37 @@ describe('version states', () => {
     await expect(keystrata.getFieldKey(deviceId, 'patient_id', 1)).rejects.toMatchObject({ code: 'key_not_deliverable' });
   });
 
+  it('when versions of a rotated key go stale, then the TTL refresh asks for the version a message names, not the whole key again', async () => {
+    const deviceId = 'dev-021';
+    const clock = createManualClock(new Date());
+    const { keystrata, calls } = client({ clock, cacheTtlMs: 60_000 });
+    const deviceKey = (await keystrata.getDeviceKey(deviceId, 1)).key.export();
+    const v1Device = await device(deviceId, ['patient_id']);
+    await setFieldState(fleet, deviceId, 'patient_id', 1, 'grace', new Date(), new Date(Date.now() + 86_400_000));
+    const v2 = await addFieldVersion(fleet, deviceKey, deviceId, 'patient_id', 2, 'primary');
+    const v2Device = createDeviceEncryptor({ deviceId, keys: [{ field: 'patient_id', version: 2, key: v2, state: 'primary' }] });
+    const itemsOf = async (sent: Record<string, unknown>) => {
+      const before = calls.length;
+      expect((await keystrata.decryptFields(deviceId, sent)).patient_id).toBe('P-12345');
+      return calls.slice(before).map((c) => c.body!.items);
+    };
+
+    expect(await itemsOf(v1Device.encryptMessage(message(Date.now())))).toEqual([[{ deviceId, field: 'patient_id', version: 1 }]]);
+    // v2 is new for a key the client knows: the sign of a rotation, the whole key is re-read
+    expect(await itemsOf(v2Device.encryptMessage(message(Date.now())))).toEqual([
+      [
+        { deviceId, field: 'patient_id', version: 2 },
+        { deviceId, field: 'patient_id', version: 'all' },
+      ],
+    ]);
+    // once the TTL has passed, each refresh fetches just the version named (a key kept for a
+    // year of weekly rotations would otherwise cost ~52 versions per refresh, every TTL)
+    clock.advance(60_000);
+    expect(await itemsOf(v2Device.encryptMessage(message(Date.now())))).toEqual([[{ deviceId, field: 'patient_id', version: 2 }]]);
+    expect(await itemsOf(v1Device.encryptMessage(message(Date.now())))).toEqual([[{ deviceId, field: 'patient_id', version: 1 }]]);
+    expect(await itemsOf(v2Device.encryptMessage(message(Date.now())))).toEqual([]);
+  });
+
   it('when a grace version is used after its grace ended, then the message is refused even before the service records decrypt_only', async () => {
     const deviceId = 'dev-016';
     const dev = await device(deviceId, ['patient_id']);
