@@ -285,3 +285,145 @@ export async function destroyDeviceVersion(ex: Executor, deviceId: string, versi
 export async function destroyFieldVersion(ex: Executor, deviceId: string, field: string, version: number, now: Date): Promise<void> {
   await updateFieldVersion(ex, deviceId, field, version, 'destroy_scheduled', { state: 'destroyed', wrapped_key: null, state_changed_at: now, state_until: null });
 }
+
+// ---------- retention ----------
+
+/**
+ * The effective retention of each group, as parallel arrays (sent as three array parameters and
+ * joined with `unnest`, so one query covers a whole page of groups whatever their overrides).
+ * A null cutoff: that level of the group keeps its old versions for ever.
+ */
+export interface RetentionCutoffs {
+  groupIds: string[];
+  /** a `decrypt_only` version whose state changed at or before this is past retention */
+  deviceCutoff: Array<Date | null>;
+  /** when a device version scheduled now may be erased (now + the waiting period) */
+  deviceDestroyAfter: Date[];
+  fieldCutoff: Array<Date | null>;
+  fieldDestroyAfter: Date[];
+}
+
+export interface RetentionQuery {
+  groups: RetentionCutoffs;
+  limit: number;
+  /** FOR UPDATE SKIP LOCKED on the version rows (a real run); false for a dry run */
+  lock: boolean;
+  /**
+   * Dry run only: field key versions that this run's field pass (which goes first) would
+   * schedule before the device version's own erasure do not count as live children.
+   */
+  anticipateFields: boolean;
+}
+
+export interface RetentionDueVersion {
+  device_id: string;
+  field: string | null;
+  version: number;
+  state: VersionState;
+  state_changed_at: Date;
+  cutoff: Date;
+  destroy_after: Date;
+}
+
+function retentionGroups(c: RetentionCutoffs) {
+  const iso = (d: Date | null) => (d === null ? null : d.toISOString());
+  return sql`unnest(${c.groupIds}::text[], ${c.deviceCutoff.map(iso)}::timestamptz[], ${c.deviceDestroyAfter.map(iso)}::timestamptz[], ${c.fieldCutoff.map(iso)}::timestamptz[], ${c.fieldDestroyAfter.map(iso)}::timestamptz[]) as p(group_id, device_cutoff, device_destroy_after, field_cutoff, field_destroy_after)`;
+}
+
+/**
+ * Field key versions wrapped under device version `dv` that would still be live when `dv`,
+ * scheduled now, becomes due: anything not destroyed, except versions already scheduled to be
+ * erased no later than it (the same rule `destroyDue` applies at erasure time).
+ */
+function liveChildrenAtErasure(anticipateFields: boolean) {
+  const anticipated = anticipateFields
+    ? sql`and not (f.state = 'decrypt_only' and f.state_changed_at <= p.field_cutoff and p.field_destroy_after <= p.device_destroy_after)`
+    : sql``;
+  return sql`exists (
+    select 1 from field_versions f
+    where f.device_id = dv.device_id and f.parent_version = dv.version and f.state <> 'destroyed'
+      and not (f.state = 'destroy_scheduled' and f.state_until is not null and f.state_until <= p.device_destroy_after)
+      ${anticipated})`;
+}
+
+/** `decrypt_only` field key versions past their group's field retention, oldest first. */
+export async function findRetentionDueFieldVersions(ex: Executor, q: RetentionQuery): Promise<RetentionDueVersion[]> {
+  if (q.groups.groupIds.length === 0) return [];
+  const { rows } = await sql<RetentionDueVersion>`
+    select f.device_id, f.field, f.version, f.state, f.state_changed_at, p.field_cutoff as cutoff, p.field_destroy_after as destroy_after
+    from field_versions f
+    join devices d on d.id = f.device_id
+    join ${retentionGroups(q.groups)} on p.group_id = d.group_id
+    where f.state = 'decrypt_only' and f.state_changed_at <= p.field_cutoff
+    order by f.state_changed_at, f.device_id, f.field, f.version
+    limit ${q.limit}
+    ${q.lock ? sql`for update of f skip locked` : sql``}`.execute(ex);
+  return rows;
+}
+
+/** `decrypt_only` device versions past their group's device retention with no live field key version wrapped under them. */
+export async function findRetentionDueDeviceVersions(ex: Executor, q: RetentionQuery): Promise<RetentionDueVersion[]> {
+  if (q.groups.groupIds.length === 0) return [];
+  const { rows } = await sql<RetentionDueVersion>`
+    select dv.device_id, null::text as field, dv.version, dv.state, dv.state_changed_at, p.device_cutoff as cutoff, p.device_destroy_after as destroy_after
+    from device_versions dv
+    join devices d on d.id = dv.device_id
+    join ${retentionGroups(q.groups)} on p.group_id = d.group_id
+    where dv.state = 'decrypt_only' and dv.state_changed_at <= p.device_cutoff
+      and not ${liveChildrenAtErasure(q.anticipateFields)}
+    order by dv.state_changed_at, dv.device_id, dv.version
+    limit ${q.limit}
+    ${q.lock ? sql`for update of dv skip locked` : sql``}`.execute(ex);
+  return rows;
+}
+
+/** Device versions past retention left alone because live field key versions are wrapped under them. */
+export async function countRetentionBlockedDeviceVersions(ex: Executor, groups: RetentionCutoffs, anticipateFields: boolean): Promise<number> {
+  if (groups.groupIds.length === 0) return 0;
+  const { rows } = await sql<{ n: string | number }>`
+    select count(*) as n
+    from device_versions dv
+    join devices d on d.id = dv.device_id
+    join ${retentionGroups(groups)} on p.group_id = d.group_id
+    where dv.state = 'decrypt_only' and dv.state_changed_at <= p.device_cutoff
+      and ${liveChildrenAtErasure(anticipateFields)}`.execute(ex);
+  return Number(rows[0]?.n ?? 0);
+}
+
+/**
+ * Schedule locked `decrypt_only` versions for destruction, one statement per chunk. Retention,
+ * not a crypto-shred: `state_before_destroy` stays null, so a device restore leaves them scheduled.
+ * Returns how many rows changed (the caller holds their locks: anything else is a lost race).
+ */
+export async function scheduleRetentionDeviceVersions(ex: Executor, rows: ReadonlyArray<{ device_id: string; version: number; destroy_after: Date }>, now: Date): Promise<number> {
+  if (rows.length === 0) return 0;
+  const result = await sql`
+    update device_versions dv
+    set state = 'destroy_scheduled', state_changed_at = ${now.toISOString()}::timestamptz, state_until = r.destroy_after,
+        state_before_destroy = null, state_until_before_destroy = null
+    from unnest(${rows.map((r) => r.device_id)}::text[], ${rows.map((r) => r.version)}::int[], ${rows.map((r) => r.destroy_after.toISOString())}::timestamptz[]) as r(device_id, version, destroy_after)
+    where dv.device_id = r.device_id and dv.version = r.version and dv.state = 'decrypt_only'`.execute(ex);
+  return Number(result.numAffectedRows ?? 0);
+}
+
+export async function scheduleRetentionFieldVersions(
+  ex: Executor,
+  rows: ReadonlyArray<{ device_id: string; field: string; version: number; destroy_after: Date }>,
+  now: Date,
+): Promise<number> {
+  if (rows.length === 0) return 0;
+  const result = await sql`
+    update field_versions f
+    set state = 'destroy_scheduled', state_changed_at = ${now.toISOString()}::timestamptz, state_until = r.destroy_after,
+        state_before_destroy = null, state_until_before_destroy = null
+    from unnest(${rows.map((r) => r.device_id)}::text[], ${rows.map((r) => r.field)}::text[], ${rows.map((r) => r.version)}::int[], ${rows.map((r) => r.destroy_after.toISOString())}::timestamptz[]) as r(device_id, field, version, destroy_after)
+    where f.device_id = r.device_id and f.field = r.field and f.version = r.version and f.state = 'decrypt_only'`.execute(ex);
+  return Number(result.numAffectedRows ?? 0);
+}
+
+/** One page of group ids (the retention sweep resolves each page's policies at once). */
+export async function listGroupIdPage(ex: Executor, after: string | undefined, limit: number): Promise<string[]> {
+  let query = ex.selectFrom('key_groups').select('id').orderBy('id').limit(limit);
+  if (after !== undefined) query = query.where('id', '>', after);
+  return (await query.execute()).map((r) => r.id);
+}

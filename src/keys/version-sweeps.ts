@@ -1,8 +1,11 @@
 /**
- * The two time-driven state changes of device DEK and field key versions, called by the cron
+ * The three time-driven state changes of device DEK and field key versions, called by the cron
  * entry (`POST /v1/rotation/run`, `keystrata rotate`):
  *
  *  - `expireGrace`: `grace` → `decrypt_only` once `state_until` has passed;
+ *  - `expireRetention`: `decrypt_only` → `destroy_scheduled` once the group's retention of
+ *    that level has passed since `state_changed_at` (`state_until` = now + the waiting period);
+ *    a device version is left alone while live field key versions are wrapped under it;
  *  - `destroyDue`:  `destroy_scheduled` → `destroyed` once `state_until` has passed: the
  *    material is erased (`wrapped_key = NULL`), the row and its audit trail stay.
  *
@@ -81,8 +84,28 @@ export interface DestroyResult extends SweepResult {
   blocked: number;
 }
 
+/** One level's retention of `decrypt_only` versions (null: kept for ever) and its destruction waiting period. */
+export interface RetentionRule {
+  retentionDays: number | null;
+  destructionWaitDays: number;
+}
+
+/** The effective device and field retention of many groups at once (PolicyService.effectivePolicies fits). */
+export type RetentionPolicyLookup = (groupIds: readonly string[]) => Promise<ReadonlyMap<string, { device: RetentionRule; field: RetentionRule }>>;
+
+export interface RetentionOptions extends SweepOptions {
+  policyFor: RetentionPolicyLookup;
+}
+
+export interface RetentionResult extends SweepResult {
+  /** device versions past retention left alone because live field key versions are still wrapped under them */
+  blocked: number;
+}
+
 export interface VersionSweeps {
   expireGrace(options?: SweepOptions): Promise<GraceResult>;
+  /** `decrypt_only` → `destroy_scheduled` once the group's retention has passed since the version became decrypt_only */
+  expireRetention(options: RetentionOptions): Promise<RetentionResult>;
   destroyDue(options?: SweepOptions): Promise<DestroyResult>;
 }
 
@@ -205,8 +228,108 @@ export function createVersionSweeps(deps: {
     return { ...summary(options, devices, fields), blocked };
   }
 
-  return { expireGrace, destroyDue };
+  // ---------- retention: decrypt_only → destroy_scheduled ----------
+
+  /** One page of groups' cutoffs (policies differ per group); undefined when none of them has a retention. */
+  async function retentionCutoffs(ids: readonly string[], now: Date, policyFor: RetentionPolicyLookup): Promise<repo.RetentionCutoffs | undefined> {
+    const policies = await policyFor(ids);
+    const c: repo.RetentionCutoffs = { groupIds: [], deviceCutoff: [], deviceDestroyAfter: [], fieldCutoff: [], fieldDestroyAfter: [] };
+    const at = (days: number) => new Date(now.getTime() + days * DAY_MS);
+    for (const id of ids) {
+      const p = policies.get(id);
+      if (!p || (p.device.retentionDays === null && p.field.retentionDays === null)) continue;
+      c.groupIds.push(id);
+      c.deviceCutoff.push(p.device.retentionDays === null ? null : at(-p.device.retentionDays));
+      c.deviceDestroyAfter.push(at(p.device.destructionWaitDays));
+      c.fieldCutoff.push(p.field.retentionDays === null ? null : at(-p.field.retentionDays));
+      c.fieldDestroyAfter.push(at(p.field.destructionWaitDays));
+    }
+    return c.groupIds.length > 0 ? c : undefined;
+  }
+
+  /** One level, one chunk over one page of groups, one transaction (a plain read for a dry run). */
+  async function retentionPass(level: 'device' | 'field', groups: repo.RetentionCutoffs, now: Date, limit: number, options: RetentionOptions): Promise<SweepItem[]> {
+    const find = level === 'field' ? repo.findRetentionDueFieldVersions : repo.findRetentionDueDeviceVersions;
+    // when retention ended: the cutoff is `now - retention`, so the end is `state_changed_at + (now - cutoff)`
+    const endOf = (row: repo.RetentionDueVersion) => new Date(row.state_changed_at.getTime() + (now.getTime() - row.cutoff.getTime()));
+    const toItem = (row: repo.RetentionDueVersion): SweepItem => ({
+      level,
+      deviceId: row.device_id,
+      ...(row.field !== null ? { field: row.field } : {}),
+      version: row.version,
+      from: 'decrypt_only',
+      to: 'destroy_scheduled',
+      due: endOf(row).toISOString(),
+    });
+    if (options.dryRun) return (await find(db, { groups, limit, lock: false, anticipateFields: true })).map(toItem);
+    const rows = await db.transaction().execute(async (trx) => {
+      const due = await find(trx, { groups, limit, lock: true, anticipateFields: false });
+      if (due.length === 0) return due;
+      for (const row of due) assertTransition(`${level === 'device' ? 'Device' : 'Field key'} version`, row.state, 'destroy_scheduled');
+      const changed =
+        level === 'field'
+          ? await repo.scheduleRetentionFieldVersions(trx, due.map((r) => ({ ...r, field: r.field as string })), now)
+          : await repo.scheduleRetentionDeviceVersions(trx, due, now);
+      // the rows are locked by this transaction: anything else is a bug, and nothing of the chunk commits
+      if (changed !== due.length) throw new Error(`retention: ${due.length - changed} locked ${level} version(s) were no longer decrypt_only`);
+      await audit.record(
+        trx,
+        due.map((row) => ({
+          action: level === 'device' ? 'device.retention_expire' : 'field_key.retention_expire',
+          outcome: 'success' as const,
+          keyId: level === 'device' ? `device:${row.device_id}` : `field:${fieldKeyId(row.device_id, row.field as string)}`,
+          details: {
+            version: row.version,
+            decryptOnlySince: row.state_changed_at.toISOString(),
+            retentionDays: Math.round((now.getTime() - row.cutoff.getTime()) / DAY_MS),
+            retentionEndedAt: endOf(row).toISOString(),
+            destroyAfter: row.destroy_after.toISOString(),
+            state: 'destroy_scheduled',
+          },
+          actor: options.actor ?? 'system:rotation',
+          requestId: options.requestId,
+        })),
+      );
+      return due;
+    });
+    // no longer deliverable: drop unwrapped device DEKs now (field keys are never cached)
+    if (level === 'device') for (const row of rows) material.cache.invalidate('device', row.device_id, row.version);
+    return rows.map(toItem);
+  }
+
+  /**
+   * Groups are read a page at a time, each page's effective policies resolved at once, and each
+   * level swept with one query per chunk joining the page's cutoffs (so a group that keeps its
+   * versions for ever never fills a chunk with versions nobody may schedule). Field keys go
+   * first, so a device version whose field keys expire in the same run is not held back by them.
+   */
+  async function expireRetention(options: RetentionOptions): Promise<RetentionResult> {
+    const now = options.now ?? clock.now();
+    const limit = boundedLimit(options.limit);
+    const fields: SweepItem[] = [];
+    const devices: SweepItem[] = [];
+    let blocked = 0;
+    let after: string | undefined;
+    for (;;) {
+      const ids = await repo.listGroupIdPage(db, after, RETENTION_GROUP_PAGE);
+      if (ids.length === 0) break;
+      after = ids.at(-1);
+      const groups = await retentionCutoffs(ids, now, options.policyFor);
+      if (groups) {
+        if (fields.length < limit) fields.push(...(await retentionPass('field', groups, now, limit - fields.length, options)));
+        if (devices.length < limit) devices.push(...(await retentionPass('device', groups, now, limit - devices.length, options)));
+        blocked += await repo.countRetentionBlockedDeviceVersions(db, groups, options.dryRun === true);
+      }
+      if (ids.length < RETENTION_GROUP_PAGE || (fields.length >= limit && devices.length >= limit)) break;
+    }
+    return { ...summary(options, { items: devices, full: devices.length >= limit }, { items: fields, full: fields.length >= limit }), blocked };
+  }
+
+  return { expireGrace, expireRetention, destroyDue };
 }
+
+const DAY_MS = 24 * 60 * 60 * 1000;
+const RETENTION_GROUP_PAGE = 500;
 
 function summary(options: SweepOptions, devices: { items: SweepItem[]; full: boolean }, fields: { items: SweepItem[]; full: boolean }): SweepResult {
   return {

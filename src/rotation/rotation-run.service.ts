@@ -8,7 +8,8 @@
  *   3. Devices and field keys: the due ones are counted; staggered rollouts (`dueWaves`,
  *      rollout.service.ts) start a rollout per group and level that fell due and rotate the
  *      due waves of every running rollout, in chunks (new waves only inside maintenance windows).
- *   4. Sweeps: grace expiry and due destructions of device and field key versions.
+ *   4. Sweeps of device and field key versions: grace expiry, retention expiry (`decrypt_only`
+ *      past the group's retention → `destroy_scheduled`), due destructions.
  *
  * Safe to run twice at once and to kill anywhere: the KEK step holds a lease, a group start
  * re-checks the primary under a row lock, rewraps take SKIP LOCKED chunks, retirements and
@@ -22,7 +23,7 @@ import type { Clock } from '../clock.js';
 import type { DB, Executor } from '../db/database.js';
 import { AppError } from '../http/errors.js';
 import type { Actor } from '../keys/key.service.js';
-import type { DestroyResult, GraceResult, SweepResult, VersionSweeps } from '../keys/version-sweeps.js';
+import type { DestroyResult, GraceResult, RetentionResult, SweepResult, VersionSweeps } from '../keys/version-sweeps.js';
 import type { GroupRotationService } from './group-rotation.service.js';
 import type { KekRotationService, KekRotationSummary } from './kek-rotation.service.js';
 import { inMaintenanceWindow } from './maintenance-window.js';
@@ -99,7 +100,7 @@ export function createRotationRunService(deps: {
       kek: null,
       groups: { checked: 0, rotated: [], dueOutsideWindow: [], deferred: [], children: { rewrapped: 0, failed: 0, remaining: 0, failures: [] }, retired: [] },
       devices: { primariesDue: 0, fieldPrimariesDue: 0, byGroup: [], rollouts: 'not_available' },
-      sweeps: { graceExpired: null, destroyed: null },
+      sweeps: { graceExpired: null, retentionExpired: null, destroyed: null },
     };
     const fail = (step: string, error: unknown, groupId?: string) => {
       if (error instanceof AppError) options.log?.warn({ step, groupId, code: error.code, detail: error.message }, 'rotation run: a step failed');
@@ -206,6 +207,13 @@ export function createRotationRunService(deps: {
       } catch (error) {
         fail('expire_grace', error);
       }
+      // after grace expiry (a version that just became decrypt_only dates from its grace end) and
+      // before destruction (what it schedules is erased by a later run, after the waiting period)
+      try {
+        summary.sweeps.retentionExpired = sweepView(await deps.sweeps.expireRetention({ ...sweepOptions, policyFor: (ids) => policies.effectivePolicies(ids) }));
+      } catch (error) {
+        fail('expire_retention', error);
+      }
       try {
         summary.sweeps.destroyed = sweepView(await deps.sweeps.destroyDue(sweepOptions));
       } catch (error) {
@@ -220,6 +228,7 @@ export function createRotationRunService(deps: {
       summary.groups.children.failed === 0 &&
       summary.groups.deferred.length === 0 &&
       !(summary.sweeps.graceExpired?.more ?? false) &&
+      !(summary.sweeps.retentionExpired?.more ?? false) &&
       !(summary.sweeps.destroyed?.more ?? false) &&
       (summary.devices.rollouts === 'not_available' || !summary.devices.rollouts.more);
     summary.durationMs = Date.now() - started;
@@ -253,7 +262,7 @@ function addChildren(summary: RunSummaryView, groupId: string, r: { rewrapped: n
   for (const f of r.failures) if (c.failures.length < MAX_LISTED) c.failures.push({ groupId, ...f });
 }
 
-function sweepView(result: SweepResult | GraceResult | DestroyResult): NonNullable<RunSummaryView['sweeps']['graceExpired']> {
+function sweepView(result: SweepResult | GraceResult | DestroyResult | RetentionResult): NonNullable<RunSummaryView['sweeps']['graceExpired']> {
   return {
     devices: result.devices,
     fields: result.fields,
@@ -283,6 +292,7 @@ function runDetails(s: RunSummaryView): Record<string, unknown> {
         ? null
         : { started: s.devices.rollouts.started.length, waves: s.devices.rollouts.waves, devices: s.devices.rollouts.devices, failed: s.devices.rollouts.failed, halted: s.devices.rollouts.halted.length },
     graceExpired: s.sweeps.graceExpired ? s.sweeps.graceExpired.devices + s.sweeps.graceExpired.fields : null,
+    retentionExpired: s.sweeps.retentionExpired ? s.sweeps.retentionExpired.devices + s.sweeps.retentionExpired.fields : null,
     destroyed: s.sweeps.destroyed ? s.sweeps.destroyed.devices + s.sweeps.destroyed.fields : null,
   };
 }

@@ -224,8 +224,14 @@ export const RunSummary = Type.Object(
       { additionalProperties: false },
     ),
     sweeps: Type.Object(
-      { graceExpired: Type.Union([SweepSummary, Type.Null()]), destroyed: Type.Union([SweepSummary, Type.Null()]) },
-      { additionalProperties: false, description: '`grace` → `decrypt_only` and `destroy_scheduled` → `destroyed` of device and field key versions' },
+      {
+        graceExpired: Type.Union([SweepSummary, Type.Null()]),
+        retentionExpired: Type.Union([SweepSummary, Type.Null()], {
+          description: '`decrypt_only` versions past their group\'s retention → `destroy_scheduled` (erased after the waiting period); `blocked`: device versions held back by live field key versions wrapped under them',
+        }),
+        destroyed: Type.Union([SweepSummary, Type.Null()]),
+      },
+      { additionalProperties: false, description: '`grace` → `decrypt_only`, `decrypt_only` past retention → `destroy_scheduled`, and `destroy_scheduled` → `destroyed` of device and field key versions' },
     ),
   },
   { additionalProperties: false },
