@@ -90,12 +90,20 @@ export async function storedMaterial(db: Kysely<DB>, kek: KekProvider): Promise<
   return out;
 }
 
+/** POST /v1/keys/fetch of some service (in-process or over HTTP), with the private half of the caller's delivery key. */
+export interface Deliveries {
+  fetchBulk(items: ReadonlyArray<{ deviceId: string; field?: string; version: 'all' }>): Promise<{ status: number; body: Record<string, unknown>; raw: string }>;
+  privateKey: CryptoKey;
+}
+
 /**
  * Fetch every device's and field's deliverable versions through the API (bulk fetch, JWE to the
  * verifier's delivery key), decrypt, and compare with the stored material unwrapped
  * independently (`kek`: a provider of our own, not the app's). Returns the stored material.
  */
-export async function expectEveryDeliverableVersionUnwraps(f: FaultFleet, db: Kysely<DB>, kek: KekProvider): Promise<Map<string, { key: Buffer; state: string }>> {
+export async function expectEveryDeliverableVersionUnwraps(target: FaultFleet | Deliveries, db: Kysely<DB>, kek: KekProvider): Promise<Map<string, { key: Buffer; state: string }>> {
+  const deliveries: Deliveries =
+    'fetchBulk' in target ? target : { fetchBulk: (items) => call(target.t.app, target.admin, 'POST', '/v1/keys/fetch', { items }), privateKey: target.backend.privateKey };
   const stored = await storedMaterial(db, kek);
   const items: Array<{ deviceId: string; field?: string; version: 'all' }> = [];
   for (const d of await db.selectFrom('devices').select('id').orderBy('id').execute()) items.push({ deviceId: d.id, version: 'all' });
@@ -103,10 +111,10 @@ export async function expectEveryDeliverableVersionUnwraps(f: FaultFleet, db: Ky
   const delivered = new Map<string, Buffer>();
   const missing: string[] = [];
   for (let i = 0; i < items.length; i += 1000) {
-    const response = await call(f.t.app, f.admin, 'POST', '/v1/keys/fetch', { items: items.slice(i, i + 1000) });
+    const response = await deliveries.fetchBulk(items.slice(i, i + 1000));
     expect(response.status, response.raw).toBe(200);
     for (const m of response.body.missing as Array<{ deviceId: string; field?: string }>) missing.push(m.field ? `${m.deviceId}/${m.field}` : m.deviceId);
-    for (const jwk of await decryptKeySet(response.body.jwe as string, f.backend.privateKey)) delivered.set(jwk.kid, Buffer.from(jwk.k, 'base64url'));
+    for (const jwk of await decryptKeySet(response.body.jwe as string, deliveries.privateKey)) delivered.set(jwk.kid, Buffer.from(jwk.k, 'base64url'));
   }
   const deliverable = [...stored].filter(([, v]) => (DELIVERABLE_STATES as readonly string[]).includes(v.state));
   // listed as missing: exactly the keys none of whose versions is deliverable (shredded, disabled)
