@@ -16,8 +16,8 @@ export interface UnwrapFailure {
 }
 
 export interface KeyMaterial {
-  /** A fresh group DEK wrapped by the KEK. */
-  newGroupKey(groupId: string, version: number): Promise<{ wrapped: string; kekVersion: number; key: Buffer }>;
+  /** A fresh group DEK wrapped by the KEK (store it only through the KEK fence, keys/kek-fence.repository.ts). */
+  newGroupKey(groupId: string, version: number): Promise<{ wrapped: string; kekVersion: number; kekName: string; key: Buffer }>;
   groupKey(groupId: string, version: number, wrapped: string | null): Promise<Buffer>;
   /** A fresh device DEK (or field key) wrapped under the given parent key. */
   newDeviceKey(groupKey: Buffer, groupId: string, groupVersion: number, deviceId: string, version: number): { wrapped: Buffer; key: Buffer };
@@ -39,7 +39,7 @@ export function createKeyMaterial(deps: { kek: KekProvider; cache: KeyCache; onU
     async newGroupKey(groupId, version) {
       const key = generateKey();
       const wrapped = await kek.wrap(key, groupBinding(groupId, version, kek.keyName));
-      return { wrapped, kekVersion: kekBlobVersion(wrapped), key };
+      return { wrapped, kekVersion: kekBlobVersion(wrapped), kekName: kek.keyName, key };
     },
 
     async groupKey(groupId, version, wrapped) {

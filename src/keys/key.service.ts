@@ -7,8 +7,9 @@ import type { Kysely } from 'kysely';
 import type { AuditEventInput, AuditSink } from '../audit/audit.types.js';
 import type { Clock } from '../clock.js';
 import type { DB } from '../db/database.js';
-import { BadRequestError, ConflictError, NotFoundError } from '../http/errors.js';
+import { BadRequestError, ConflictError, NotFoundError, UnavailableError } from '../http/errors.js';
 import { decodeCursor, encodeCursor } from '../http/schemas.js';
+import { admitKekBlob, KEK_FENCE_ATTEMPTS } from './kek-fence.repository.js';
 import type { KeyMaterial } from './key-material.js';
 import * as repo from './key.repository.js';
 import { enqueueKeyUpdate } from '../distribution/outbox.js'; // issue 6: key updates to devices (outbox, same transaction)
@@ -56,10 +57,21 @@ export function createKeyService(deps: { db: Kysely<DB>; material: KeyMaterial; 
 
   async function createGroup(who: Actor, input: { id: string; deviceType: string; region: string }): Promise<GroupView> {
     if (await repo.findGroup(db, input.id)) throw new ConflictError(`Group ${input.id} already exists`, 'group_exists');
-    const { wrapped, kekVersion, key } = await material.newGroupKey(input.id, 1);
+    for (let attempt = 1; ; attempt += 1) {
+      if (await storeNewGroup(who, input)) break;
+      // a KEK rotation overtook the wrap: wrap again under the version it made current
+      if (attempt >= KEK_FENCE_ATTEMPTS) throw new UnavailableError('The KEK is being rotated; retry shortly');
+    }
+    return getGroup(input.id);
+  }
+
+  /** false: the blob is under a KEK version a rotation has replaced meanwhile (nothing stored) */
+  async function storeNewGroup(who: Actor, input: { id: string; deviceType: string; region: string }): Promise<boolean> {
+    const { wrapped, kekVersion, kekName, key } = await material.newGroupKey(input.id, 1);
     key.fill(0);
     const now = clock.now();
-    await db.transaction().execute(async (trx) => {
+    return db.transaction().execute(async (trx) => {
+      if (!(await admitKekBlob(trx, kekName, kekVersion))) return false;
       await repo.insertGroup(trx, { id: input.id, device_type: input.deviceType, region: input.region, created_at: now });
       await repo.insertGroupVersion(trx, {
         group_id: input.id,
@@ -72,8 +84,8 @@ export function createKeyService(deps: { db: Kysely<DB>; material: KeyMaterial; 
         state_until: null,
       });
       await audit.record(trx, [event(who, { action: 'group.create', outcome: 'success', keyId: `group:${input.id}`, details: { version: 1, kekVersion, deviceType: input.deviceType, region: input.region } })]);
+      return true;
     });
-    return getGroup(input.id);
   }
 
   async function getGroup(groupId: string): Promise<GroupView> {

@@ -25,7 +25,8 @@ import type { Clock } from '../clock.js';
 import { unwrapKey, wrapKey } from '../crypto/aead.js';
 import { deviceBinding } from '../crypto/binding.js';
 import type { DB, Executor } from '../db/database.js';
-import { ConflictError, NotFoundError } from '../http/errors.js';
+import { ConflictError, NotFoundError, UnavailableError } from '../http/errors.js';
+import { admitKekBlob, KEK_FENCE_ATTEMPTS } from '../keys/kek-fence.repository.js';
 import type { KeyMaterial } from '../keys/key-material.js';
 import * as keys from '../keys/key.repository.js';
 import type { Actor } from '../keys/key.service.js';
@@ -114,13 +115,39 @@ export function createGroupRotationService(deps: {
     const next = (await repo.maxGroupVersion(db(), groupId)) + 1;
     if (options.dryRun) return { groupId, fromVersion: primary.version, toVersion: next, kekVersion: null };
 
-    // KEK call before the transaction: no connection waits on Vault
-    const { wrapped, kekVersion, key } = await material.newGroupKey(groupId, next);
+    let started: boolean | 'stale_kek' = 'stale_kek';
+    let kekVersion = 0;
+    for (let attempt = 1; started === 'stale_kek'; attempt += 1) {
+      // a KEK rotation overtook the previous wrap: wrap again under the version it made current
+      if (attempt > KEK_FENCE_ATTEMPTS) throw new UnavailableError('The KEK is being rotated; retry shortly');
+      const wrap = await material.newGroupKey(groupId, next);
+      kekVersion = wrap.kekVersion;
+      started = await insertRotated(who, groupId, primary.version, next, wrap, options);
+    }
+    if (!started) return undefined;
+    // the old version now only unwraps children being moved: drop it, the rewrap reloads it
+    material.cache.invalidate('group', groupId, primary.version);
+    return { groupId, fromVersion: primary.version, toVersion: next, kekVersion };
+  }
+
+  /** The new primary and the old one's retirement in one transaction; `stale_kek`: nothing stored, wrap again. */
+  async function insertRotated(
+    who: Actor,
+    groupId: string,
+    from: number,
+    next: number,
+    wrap: { wrapped: string; kekVersion: number; kekName: string; key: Buffer },
+    options: { reason: 'manual' | 'policy'; expectedPrimary?: number },
+  ): Promise<boolean | 'stale_kek'> {
+    // KEK call before the transaction (no connection waits on Vault); the KEK fence admits the blob
+    const { wrapped, kekVersion, kekName, key } = wrap;
     key.fill(0);
+    const primary = { version: from };
     const now = clock.now();
-    const started = await db()
+    return db()
       .transaction()
-      .execute(async (trx) => {
+      .execute(async (trx): Promise<boolean | 'stale_kek'> => {
+        if (!(await admitKekBlob(ex(trx), kekName, kekVersion))) return 'stale_kek';
         if (!(await repo.lockGroup(trx, groupId))) throw new NotFoundError(`Group ${groupId} not found`);
         const current = await keys.findPrimaryGroupVersion(ex(trx), groupId);
         if (!current || current.version !== primary.version || (await repo.maxGroupVersion(trx, groupId)) >= next) {
@@ -150,10 +177,6 @@ export function createGroupRotationService(deps: {
         ]);
         return true;
       });
-    if (!started) return undefined;
-    // the old version now only unwraps children being moved: drop it, the rewrap reloads it
-    material.cache.invalidate('group', groupId, primary.version);
-    return { groupId, fromVersion: primary.version, toVersion: next, kekVersion };
   }
 
   async function rewrapChildren(who: Actor, groupId: string, options: { limit: number; dryRun?: boolean }): Promise<RewrapResult> {

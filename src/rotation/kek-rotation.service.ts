@@ -21,6 +21,7 @@ import { groupBinding } from '../crypto/binding.js';
 import type { DB, Executor } from '../db/database.js';
 import { ConflictError } from '../http/errors.js';
 import { kekBlobVersion, type KekInfo, type KekProvider } from '../kek/kek.types.js';
+import { lockKekFenceExclusive } from '../keys/kek-fence.repository.js';
 import type { Actor } from '../keys/key.service.js';
 import { tryAcquireLease, type Lease } from './lease.js';
 import { addDays } from './policy.defaults.js';
@@ -86,6 +87,8 @@ export interface KekRotationSummary {
 export interface KekRotationHooks {
   /** after each committed rewrap batch (tests inject failures here) */
   afterKekBatch?(info: { batch: number; rewrapped: number }): void | Promise<void>;
+  /** after the lowest referenced version was computed (and the KEK fence released), before the provider is asked to raise to it */
+  beforeMinDecryptionRaise?(info: { to: number }): void | Promise<void>;
 }
 
 export interface KekRotationService {
@@ -318,9 +321,19 @@ export function createKekRotationService(deps: {
     if (dryRun) {
       if (summary.rewrap.groupKeys.remaining > 0) lowest = Math.min(lowest, (await repo.lowestGroupKekVersion(db())) ?? target);
     } else {
-      const group = await repo.lowestGroupKekVersion(db());
-      const auditVersions = (await auditRepo.listKeys(deps.db)).map((k) => k.kekVersion);
-      lowest = Math.min(target, group ?? target, ...auditVersions);
+      // Inside the KEK fence (keys/kek-fence.repository.ts), exclusive: a group version whose
+      // insert is admitted but not committed yet (its blob possibly under an old KEK version,
+      // unseen by the rewrap) is waited for and counted. Once the fence is released, every blob
+      // admitted is under the newest recorded version, at least `target`, so the raise below
+      // cannot go above it.
+      lowest = await db()
+        .transaction()
+        .execute(async (trx) => {
+          await lockKekFenceExclusive(ex(trx));
+          const group = await repo.lowestGroupKekVersion(trx);
+          const auditVersions = (await auditRepo.listKeys(ex(trx))).map((k) => k.kekVersion);
+          return Math.min(target, group ?? target, ...auditVersions);
+        });
     }
     min.lowestReferenced = lowest;
     if (lowest <= info.minDecryptionVersion) {
@@ -340,6 +353,7 @@ export function createKekRotationService(deps: {
       min.raised = true;
       return;
     }
+    await deps.hooks?.beforeMinDecryptionRaise?.({ to: lowest });
     try {
       await kek.setMinDecryptionVersion(lowest);
     } catch (error) {
