@@ -20,7 +20,7 @@ import { createDistribution } from './distribution/distribution.service.js';
 import { distributionRoutes } from './distribution/distribution.routes.js';
 import { createKeyFetchService } from './delivery/key-fetch.service.js';
 import { ForbiddenError } from './http/errors.js';
-import { registerErrorHandling } from './http/error-handler.js';
+import { frameworkErrors, registerErrorHandling } from './http/error-handler.js';
 import { healthRoutes } from './http/health.routes.js';
 import { createMetrics, registerMetrics } from './http/metrics.js';
 import { Problem } from './http/schemas.js';
@@ -71,6 +71,7 @@ export async function buildApp(deps: AppDeps): Promise<KeystrataApp> {
     },
     requestIdHeader: false,
     routerOptions: { maxParamLength: 200 },
+    frameworkErrors, // a malformed URL or an overlong parameter: problem+json like every other refusal
     trustProxy: config.trustProxy,
     // (typed as the plain-HTTP app: routes and hooks do not depend on the transport)
     ...((deps.https ? { https: deps.https } : {}) as object),

@@ -103,6 +103,10 @@ function safeClientMessage(error: FastifyError): string {
       return 'The request body is too large';
     case 'FST_ERR_CTP_EMPTY_JSON_BODY':
       return 'The JSON body is empty';
+    case 'FST_ERR_BAD_URL':
+      return 'The URL is not valid: a percent-encoding is malformed or not UTF-8';
+    case 'FST_ERR_MAX_PARAM_LENGTH':
+      return 'A path parameter is too long';
     case 'FST_ERR_CTP_INVALID_JSON_BODY':
     case undefined:
       return error.statusCode === 400 ? 'The request body is not valid JSON' : 'The request was refused';
@@ -116,6 +120,19 @@ export function sendProblem(reply: FastifyReply, problem: ProblemBody, retryAfte
   if (retryAfter !== undefined) reply.header('retry-after', String(retryAfter));
   if (problem.status === 401) reply.header('www-authenticate', 'Bearer realm="keystrata", error="invalid_token"');
   return reply.code(problem.status).type('application/problem+json').send(problem);
+}
+
+/**
+ * Fastify's `frameworkErrors` option: errors the router meets before any route or hook (a URL
+ * whose percent-encoding is not UTF-8, a path parameter over maxParamLength) answer a problem
+ * too; Fastify's default wrote plain JSON echoing the path.
+ */
+export function frameworkErrors(error: FastifyError, request: FastifyRequest, reply: FastifyReply): void {
+  const { problem, retryAfter } = toProblem(error, request);
+  request.log.info({ code: problem.code, status: problem.status }, 'request refused');
+  reply.header('x-request-id', request.id);
+  reply.header('cache-control', 'no-store');
+  void sendProblem(reply, problem, retryAfter);
 }
 
 export function registerErrorHandling(app: FastifyInstance): void {
