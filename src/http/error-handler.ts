@@ -79,6 +79,8 @@ export function toProblem(error: unknown, request: FastifyRequest): { problem: P
   const pgCode = (error as { code?: unknown }).code;
   if (typeof pgCode === 'string') {
     if (pgCode === '23505') return { problem: base(409, 'already_exists', 'A resource with that id already exists') };
+    // text PostgreSQL cannot hold (a NUL character; an escape jsonb refuses) in a value the schema let through
+    if (pgCode === '22021' || pgCode === '22P05') return { problem: base(400, 'unsupported_character', 'The request contains a character that cannot be stored or searched for (e.g. NUL)') };
     if (pgCode === '40001' || pgCode === '40P01') {
       return { problem: base(503, 'retry', 'The request conflicted with a concurrent one; retry it'), retryAfter: 1 };
     }

@@ -30,4 +30,11 @@ describe('fuzz findings', () => {
     expect(answer.headers['x-request-id']).toEqual(expect.any(String));
     expect(answer.body.detail).not.toContain('aaaaaaaaaa'); // the path is not echoed in the message
   });
+
+  it.each([['actor=a%00b'], ['action=%00'], ['keyId=device%3Ax%00'], ['keyIdPrefix=field%3A%00']])(
+    'when an audit query filter holds a NUL character (%s), then 400 problem+json, not a 500 from PostgreSQL',
+    async (query) => {
+      expectProblem(await get(`/v1/audit/events?${query}`), 400, 'unsupported_character');
+    },
+  );
 });
