@@ -299,3 +299,53 @@ export const queryValue: fc.Arbitrary<string> = fc.oneof(
   fc.constantFrom('all', 'ALL', 'true', '[]', '{}', '1,2', ''),
   fc.string({ maxLength: 30 }),
 );
+
+/**
+ * Valid values of a schema: fixtures (or fresh values) for id-like names, patterns through
+ * fast-check's stringMatching, ranges, unions, objects with their required properties and some
+ * optional ones, short arrays. Formats other than date-time are not generated.
+ */
+export function arbitraryValid(schema: unknown, fixtures: Fixtures, name = ''): fc.Arbitrary<unknown> {
+  const s = (schema ?? {}) as Schema;
+  const known = FIXTURE_NAMES.has(name) ? fixtureFor(name, fixtures) : undefined;
+  if ('const' in s) return fc.constant(s.const);
+  const branches = union(s);
+  if (branches?.length) return fc.oneof(...branches.map((b) => arbitraryValid(b, fixtures, name)));
+  switch (s.type) {
+    case 'string': {
+      let arb: fc.Arbitrary<string>;
+      if (s.format === 'date-time') arb = fc.date({ min: new Date('2000-01-01T00:00:00Z'), max: new Date('2100-01-01T00:00:00Z'), noInvalidDate: true }).map((d) => d.toISOString());
+      else if (typeof s.pattern === 'string') arb = fc.stringMatching(new RegExp(s.pattern));
+      else arb = fc.string({ minLength: typeof s.minLength === 'number' ? s.minLength : 0, maxLength: Math.min(typeof s.maxLength === 'number' ? s.maxLength : 40, 40) });
+      const min = typeof s.minLength === 'number' ? s.minLength : 0;
+      const max = typeof s.maxLength === 'number' ? s.maxLength : Infinity;
+      arb = arb.filter((v) => v.length >= min && v.length <= max);
+      return typeof known === 'string' ? fc.oneof({ weight: 3, arbitrary: fc.constant(known) }, { weight: 1, arbitrary: arb }) : arb;
+    }
+    case 'integer': {
+      const min = typeof s.minimum === 'number' ? s.minimum : -1_000_000;
+      const max = typeof s.maximum === 'number' ? s.maximum : 1_000_000;
+      const arb = fc.oneof(fc.integer({ min, max: Math.min(max, min + 100) }), fc.constantFrom(min, max));
+      return typeof known === 'number' ? fc.oneof(fc.constant(known), arb) : arb;
+    }
+    case 'number':
+      return fc.double({ min: typeof s.minimum === 'number' ? s.minimum : -1e6, max: typeof s.maximum === 'number' ? s.maximum : 1e6, noNaN: true, noDefaultInfinity: true });
+    case 'boolean':
+      return fc.boolean();
+    case 'array': {
+      const minLength = typeof s.minItems === 'number' ? s.minItems : 0;
+      const maxLength = Math.max(minLength, Math.min(typeof s.maxItems === 'number' ? s.maxItems : 5, 5));
+      const items = arbitraryValid(s.items, fixtures, name === 'ids' ? 'id' : name);
+      return fc.array(items, { minLength, maxLength });
+    }
+    case 'object': {
+      const properties = (s.properties ?? {}) as Record<string, Schema>;
+      if (Object.keys(properties).length === 0) return fc.constant({});
+      const required = (s.required ?? []) as string[];
+      const record = fc.record(Object.fromEntries(Object.entries(properties).map(([key, value]) => [key, arbitraryValid(value, fixtures, key)])), { requiredKeys: required as never[] });
+      return typeof s.minProperties === 'number' ? record.filter((r) => Object.keys(r as object).length >= (s.minProperties as number)) : record;
+    }
+    default:
+      return fc.constant(sampleValid(s, fixtures, name));
+  }
+}
