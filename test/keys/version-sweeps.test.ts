@@ -32,7 +32,7 @@ describe('grace expiry', () => {
     expect(ends).toHaveLength(31);
     f.clock.set(new Date(Math.min(...ends) - 1));
     const result = await f.sweeps.expireGrace();
-    expect(result).toEqual({ dryRun: false, devices: 0, fields: 0, items: [], more: false });
+    expect(result).toEqual({ dryRun: false, devices: 0, fields: 0, items: [], more: false, heldForAck: 0 });
   });
 
   it('when a dry run is asked for, then it lists the due versions and the database is unchanged', async () => {
