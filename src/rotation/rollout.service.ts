@@ -172,7 +172,8 @@ export function createRolloutService(deps: RolloutServiceDeps) {
 
   // ---------- start ----------
 
-  async function start(who: Actor, body: StartRolloutBody, reason: 'manual' | 'policy' = 'manual'): Promise<RolloutView> {
+  /** A new rollout and its waves (audited); its id. */
+  async function create(who: Actor, body: StartRolloutBody, reason: 'manual' | 'policy'): Promise<string> {
     if (body.field !== undefined && body.level !== 'field') throw new BadRequestError('field applies to field-level rollouts only', { field: 'body.field' });
     if (!(await keyRepo.findGroup(deps.db, body.groupId))) throw new NotFoundError(`Group ${body.groupId} not found`);
     const policy = (await policies.effectivePolicy(body.groupId))[body.level];
@@ -228,7 +229,7 @@ export function createRolloutService(deps: RolloutServiceDeps) {
       throw error;
     }
     deps.logger?.info({ rolloutId: id, groupId: body.groupId, level: body.level, reason }, 'rollout started');
-    return get(id);
+    return id;
   }
 
   // ---------- reads ----------
@@ -423,8 +424,7 @@ export function createRolloutService(deps: RolloutServiceDeps) {
             continue;
           }
           try {
-            const started = await start(who, { groupId, level }, 'policy');
-            result.started.push({ rolloutId: started.id, groupId, level });
+            result.started.push({ rolloutId: await create(who, { groupId, level }, 'policy'), groupId, level });
           } catch (error) {
             if (!(error instanceof ConflictError)) throw error; // another runner started it
           }
@@ -679,6 +679,7 @@ export function createRolloutService(deps: RolloutServiceDeps) {
           const now = clock.now();
           const current = await repo.findRollout(trx, r.id);
           if (!current || current.state !== 'running') throw new ChunkAborted(current?.state);
+          await repo.preferKeyLookups(trx);
           // share-locked, so a group rotation cannot retire it under the new wraps; none visible
           // (a group rotation committed while we waited for it): load the keys, run again
           const gp = await lockGroupPrimaryForShare(ex(trx), r.group_id);
@@ -772,6 +773,7 @@ export function createRolloutService(deps: RolloutServiceDeps) {
           const now = clock.now();
           const current = await repo.findRollout(trx, r.id);
           if (!current || current.state !== 'running') throw new ChunkAborted(current?.state);
+          await repo.preferKeyLookups(trx);
           const ids = await repo.claimPendingItems(trx, r.id, wave, after, size);
           if (ids.length === 0) return { claimed: 0, done: 0, failed: 0, skipped: 0, fields: 0, events: 0 };
           const devices = await repo.lockDevices(trx, ids);
@@ -1005,6 +1007,7 @@ export function createRolloutService(deps: RolloutServiceDeps) {
           const now = clock.now();
           const current = await repo.findRollout(trx, r.id);
           if (!current || current.state !== 'rolling_back') throw new ChunkAborted(current?.state);
+          await repo.preferKeyLookups(trx);
           const items = await repo.claimDoneItems(trx, r.id, wave, after, size);
           const empty = { claimed: 0, done: 0, failed: 0, skipped: 0, fields: 0, rolledBack: 0, rollbackFailed: 0 };
           if (items.length === 0) return empty;
@@ -1127,7 +1130,7 @@ export function createRolloutService(deps: RolloutServiceDeps) {
   }
 
   return {
-    start: (who: Actor, body: StartRolloutBody) => start(who, body, 'manual'),
+    start: async (who: Actor, body: StartRolloutBody) => get(await create(who, body, 'manual')),
     get,
     list,
     pause: (who: Actor, id: string) => control(who, id, 'pause'),
