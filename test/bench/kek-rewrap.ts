@@ -22,7 +22,7 @@ import type { KekProvider } from '../../src/kek/kek.types.js';
 import { createVaultKekProvider } from '../../src/kek/vault.provider.js';
 import { createKekRotationService, type KekRotationSummary } from '../../src/rotation/kek-rotation.service.js';
 import { createPolicyService } from '../../src/rotation/policy.service.js';
-import { createScratchDatabase, log, REPO_ROOT } from './support.js';
+import { cpuSplit, createScratchDatabase, log, REPO_ROOT, type CpuSplit } from './support.js';
 
 export interface KekRewrapRun {
   seconds: number;
@@ -34,6 +34,8 @@ export interface KekRewrapRun {
   groupBatchSizes: number[];
   /** rewrap requests the emulator answered during the run (group batches + the audit keys' one) */
   transitRewrapRequests: number;
+  /** watched: the emulator's process; bench: this process (the rotation service, pg, node-vault) */
+  cpu: CpuSplit;
 }
 
 export interface KekRewrapResult {
@@ -43,6 +45,7 @@ export interface KekRewrapResult {
 }
 
 interface EmulatorChild {
+  pid: number | undefined;
   url: string;
   token: string;
   mount: string;
@@ -67,6 +70,7 @@ async function startEmulatorChild(): Promise<EmulatorChild> {
     });
   const ready = await next('ready');
   return {
+    pid: child.pid,
     url: ready.url,
     token: ready.token,
     mount: ready.mount,
@@ -145,8 +149,10 @@ export async function benchKekRewrap(options: { groups: number; runs: number }):
       batchSizes.length = 0;
       const requestsBefore = await emulator.rewrapRequests();
       started = performance.now();
+      const split = await cpuSplit(emulator.pid, scratch.name);
       const summary: KekRotationSummary = await rotation.run({ actor: 'bench', requestId: `bench-kek-${run}` }, { mode: 'manual' });
       const seconds = (performance.now() - started) / 1000;
+      const cpu = await split.stop();
       const transitRewrapRequests = (await emulator.rewrapRequests()) - requestsBefore;
       const { groupKeys, auditKeys } = summary.rewrap;
       if (groupKeys.rewrapped !== options.groups || groupKeys.failed > 0 || groupKeys.remaining > 0) {
@@ -162,6 +168,7 @@ export async function benchKekRewrap(options: { groups: number; runs: number }):
         failed: groupKeys.failed + auditKeys.failed,
         groupBatchSizes,
         transitRewrapRequests,
+        cpu,
       });
       log(`kek run ${run}: ${groupKeys.rewrapped} group blobs (+${auditKeys.rewrapped} audit keys) rewrapped v${summary.fromVersion}→v${summary.toVersion} in ${seconds.toFixed(2)} s = ${Math.round(groupKeys.rewrapped / seconds)} blobs/s; ${transitRewrapRequests} rewrap requests at transit`);
     }

@@ -31,7 +31,9 @@ import {
   assertClean,
   baseEnv,
   checkPostgres,
+  cpuSplit,
   createScratchDatabase,
+  describeCpu,
   dropAllScratch,
   freePort,
   killAllChildren,
@@ -43,9 +45,11 @@ import {
   QUICK,
   REPO_ROOT,
   startNode,
+  sumCpu,
   waitForHttp,
   watchPeakRss,
   type Child,
+  type CpuSplit,
   type LoadResult,
   type ScratchDatabase,
 } from './support.js';
@@ -159,6 +163,8 @@ interface Server {
   child: Child;
   /** Date.now() when the process was started */
   startedAt: number;
+  /** the scratch database's name */
+  database: string;
   url: string;
   logFile: string;
   stop(): Promise<void>;
@@ -178,7 +184,13 @@ async function startServer(database: ScratchDatabase, dataDir: string, options: 
   const url = `http://127.0.0.1:${port}`;
   await waitForHttp(`${url}/readyz`, child);
   log(`keystrata server pid ${child.pid} on ${url} (LOG_LEVEL=${options.logLevel}${options.cpuProfile ? `, --cpu-prof → ${options.cpuProfile}` : ''})`);
-  return { child, startedAt, url, logFile, stop: () => child.stop('SIGTERM', 30_000) };
+  return { child, startedAt, database: database.name, url, logFile, stop: () => child.stop('SIGTERM', 30_000) };
+}
+
+/** `; server peak RSS so far 412 MB` (VmHWM: it only grows, so successive figures show which one raised it) */
+function serverRss(server: Server): string {
+  const rss = peakRss(server.child.pid);
+  return rss === undefined ? '' : `; server peak RSS so far ${Math.round(rss / 2 ** 20)} MB`;
 }
 
 async function api(server: Server, token: string, method: string, route: string, body?: unknown): Promise<{ status: number; json: Record<string, unknown> }> {
@@ -229,7 +241,7 @@ async function figureBare(): Promise<number | undefined> {
     await load({ ...options, duration: S.warmupSeconds });
     const runs: LoadResult[] = [];
     for (let run = 1; run <= S.runs; run++) {
-      const result = await load({ ...options, duration: S.bareSeconds }, child.pid);
+      const result = await load({ ...options, duration: S.bareSeconds }, { pid: child.pid });
       assertClean('bare route', result);
       runs.push(result);
       log(`bare run ${run}: ${Math.round(result.rps)} req/s, p99 ${result.p99} ms`);
@@ -237,7 +249,7 @@ async function figureBare(): Promise<number | undefined> {
     const rps = median(runs.map((r) => r.rps));
     measured('1', 'bare Fastify route (baseline)', rps, 'req/s', undefined, {
       runs: runs.map((r) => r.rps),
-      notes: `GET /hello, Fastify without logger, own process; ${S.connections} connections, ${S.bareSeconds} s per run; p99 ${format(median(runs.map((r) => r.p99)))} ms`,
+      notes: `GET /hello, Fastify without logger, own process; ${S.connections} connections, ${S.bareSeconds} s per run; p99 ${format(median(runs.map((r) => r.p99)))} ms; ${describeCpu(sumCpu(runs.map((r) => r.cpu)), { watched: 'bare server', bench: 'load generator' })}`,
     });
     return rps;
   } finally {
@@ -271,23 +283,24 @@ async function prepareClients(server: Server, dataDir: string, groups: string[])
 
 async function figureEnrol(server: Server, admin: string, groups: string[]): Promise<string[]> {
   const devices: string[] = [];
-  const perRun: Array<{ devices: number; seconds: number; rate: number }> = [];
+  const perRun: Array<{ devices: number; seconds: number; rate: number; cpu: CpuSplit }> = [];
   for (const [index, group] of groups.entries()) {
     expectStatus(`create group ${group}`, await api(server, admin, 'POST', '/v1/groups', { id: group, deviceType: 'sensor', region: 'eu-west' }), 201);
     const ids = Array.from({ length: S.enrolPerRun }, (_, i) => `${group}-dev-${String(i).padStart(7, '0')}`);
     const started = performance.now();
+    const split = await cpuSplit(server.child.pid, server.database);
     for (let i = 0; i < ids.length; i += S.enrolBatch) {
       const answer = await api(server, admin, 'POST', `/v1/groups/${group}/devices/bulk`, { ids: ids.slice(i, i + S.enrolBatch) });
       expectStatus('bulk enrolment', answer, 201);
     }
     const seconds = (performance.now() - started) / 1000;
     devices.push(...ids);
-    perRun.push({ devices: ids.length, seconds, rate: ids.length / seconds });
+    perRun.push({ devices: ids.length, seconds, rate: ids.length / seconds, cpu: await split.stop() });
     log(`enrol run ${index + 1}: ${ids.length} devices in ${seconds.toFixed(2)} s = ${Math.round(ids.length / seconds)} devices/s`);
   }
   measured('4', 'bulk enrolment', median(perRun.map((r) => r.rate)), 'devices/s', { op: '>=', threshold: 20_000 }, {
     runs: perRun.map((r) => r.rate),
-    notes: `${S.enrolPerRun.toLocaleString('en-US')} devices per run in calls of ${S.enrolBatch.toLocaleString('en-US')}, one call at a time, a fresh group per run`,
+    notes: `${S.enrolPerRun.toLocaleString('en-US')} devices per run in calls of ${S.enrolBatch.toLocaleString('en-US')}, one call at a time, a fresh group per run; server CPU ${format(median(perRun.map((r) => (r.cpu.watched * 1e6) / r.devices)))} µs per device; ${describeCpu(sumCpu(perRun.map((r) => r.cpu)), { watched: 'server', bench: 'client' })}${serverRss(server)}`,
   });
   return devices;
 }
@@ -321,7 +334,7 @@ async function figureSingle(server: Server, fleet: Fleet, bareRps: number | unde
   const measuredFrom = Date.now();
   const runs: LoadResult[] = [];
   for (let run = 1; run <= S.runs; run++) {
-    const result = await load({ ...options, duration: S.singleSeconds }, server.child.pid);
+    const result = await load({ ...options, duration: S.singleSeconds }, { pid: server.child.pid, database: server.database });
     assertClean('single key fetch', result);
     runs.push(result);
     log(`single run ${run}${label.suffix}: ${Math.round(result.rps)} req/s, p50 ${result.p50} ms, p99 ${result.p99} ms, ${format(((result.cpuSeconds ?? 0) * 1e6) / (result.ok * keysPerAnswer))} CPU µs/key`);
@@ -331,7 +344,7 @@ async function figureSingle(server: Server, fleet: Fleet, bareRps: number | unde
   measured(`2a${label.suffix}`, `single key fetch${label.suffix ? ` (LOG_LEVEL=${label.logLevel})` : ''}`, rps, 'req/s', { op: '>=', threshold: 5_000 }, {
     runs: runs.map((r) => r.rps),
     cpuUsPerKey: cpu,
-    notes: `GET /v1/devices/{id}/keys, ${S.connections} connections, ${S.singleSeconds} s per run, a different device per request (${ids.length.toLocaleString('en-US')} devices rotated through, ${next.toLocaleString('en-US')} requests incl. warm-up); server LOG_LEVEL=${label.logLevel}`,
+    notes: `GET /v1/devices/{id}/keys, ${S.connections} connections, ${S.singleSeconds} s per run, a different device per request (${ids.length.toLocaleString('en-US')} devices rotated through, ${next.toLocaleString('en-US')} requests incl. warm-up); server LOG_LEVEL=${label.logLevel}; ${describeCpu(sumCpu(runs.map((r) => r.cpu)))}${serverRss(server)}`,
   });
   measured(`2b${label.suffix}`, `single key fetch p99${label.suffix ? ` (LOG_LEVEL=${label.logLevel})` : ''}`, median(runs.map((r) => r.p99)), 'ms', { op: '<=', threshold: 25 }, {
     runs: runs.map((r) => r.p99),
@@ -383,7 +396,7 @@ async function figureBulkFetch(server: Server, fleet: Fleet): Promise<number> {
   const measuredFrom = Date.now();
   const runs: LoadResult[] = [];
   for (let run = 1; run <= S.runs; run++) {
-    const result = await load({ ...options, duration: S.bulkSeconds }, server.child.pid);
+    const result = await load({ ...options, duration: S.bulkSeconds }, { pid: server.child.pid, database: server.database });
     assertClean('bulk fetch', result);
     runs.push(result);
     log(`bulk fetch run ${run}: ${Math.round(result.rps)} req/s = ${Math.round(result.rps * keysPerAnswer)} keys/s, p99 ${result.p99} ms, ${format(((result.cpuSeconds ?? 0) * 1e6) / (result.ok * keysPerAnswer))} CPU µs/key`);
@@ -391,7 +404,7 @@ async function figureBulkFetch(server: Server, fleet: Fleet): Promise<number> {
   measured('3', 'bulk fetch, 1,000 keys per request', median(runs.map((r) => r.rps * keysPerAnswer)), 'keys/s', { op: '>=', threshold: 100_000 }, {
     runs: runs.map((r) => r.rps * keysPerAnswer),
     cpuUsPerKey: median(runs.map((r) => ((r.cpuSeconds ?? 0) * 1e6) / (r.ok * keysPerAnswer))),
-    notes: `POST /v1/keys/fetch, ${S.bulkConnections} connections, ${S.bulkSeconds} s per run, distinct devices per request; ${format(median(runs.map((r) => r.rps)))} req/s, p99 ${format(median(runs.map((r) => r.p99)))} ms`,
+    notes: `POST /v1/keys/fetch, ${S.bulkConnections} connections, ${S.bulkSeconds} s per run, distinct devices per request; ${format(median(runs.map((r) => r.rps)))} req/s, p99 ${format(median(runs.map((r) => r.p99)))} ms; ${describeCpu(sumCpu(runs.map((r) => r.cpu)))}${serverRss(server)}`,
   });  return measuredFrom;
 }
 
@@ -513,7 +526,7 @@ async function figureRollout(): Promise<void> {
     missing('5b', 'rollout wave peak RSS', 'MB', '≤ 300 MB', 'not measured', 'see 5a');
     return;
   }
-  const runs: Array<{ rate: number; seconds: number; devices: number; rssMB: number; waveRssMB: number | undefined; ownRssMB: number; scriptSeconds: number; chunks: string }> = [];
+  const runs: Array<{ rate: number; seconds: number; devices: number; rssMB: number; waveRssMB: number | undefined; ownRssMB: number; scriptSeconds: number; chunks: string; nodeCores: number | undefined }> = [];
   let skipped = '';
   for (let run = 1; run <= S.rolloutRuns; run++) {
     // rollout-wave.ts: enrols N devices directly, one 100 % wave through the rollout service's cron hook, checks each device rotated once
@@ -533,7 +546,8 @@ async function figureRollout(): Promise<void> {
     const reported = num('maxRssMb', 'peakRssMB') ?? (num('peakRssBytes') ?? NaN) / 2 ** 20;
     const ownRssMB = result.peakRss / 2 ** 20;
     const rssMB = Number.isFinite(reported) ? reported : ownRssMB;
-    runs.push({ rate, seconds: seconds ?? devices / rate, devices, rssMB, waveRssMB: num('sampledPeakMb'), ownRssMB, scriptSeconds: result.seconds, chunks: `chunks of ${num('chunkSize') ?? '?'}, ${num('workers') ?? '?'} workers` });
+    const nodeCpu = num('nodeCpuSeconds');
+    runs.push({ rate, seconds: seconds ?? devices / rate, devices, rssMB, waveRssMB: num('sampledPeakMb'), ownRssMB, scriptSeconds: result.seconds, chunks: `chunks of ${num('chunkSize') ?? '?'}, ${num('workers') ?? '?'} workers`, nodeCores: nodeCpu !== undefined && seconds !== undefined ? nodeCpu / seconds : undefined });
     log(`rollout run ${run}: ${devices} devices at ${Math.round(rate)} devices/s, peak RSS ${Math.round(rssMB)} MB (whole script ${result.seconds.toFixed(0)} s)`);
     if (run < S.rolloutRuns && result.seconds > S.rolloutBudgetSeconds) {
       skipped = `; ${S.rolloutRuns - run} more run(s) skipped: this one took ${Math.round(result.seconds)} s with its seeding (> BENCH_ROLLOUT_BUDGET_SECONDS=${S.rolloutBudgetSeconds})`;
@@ -543,7 +557,7 @@ async function figureRollout(): Promise<void> {
   const seconds = median(runs.map((r) => r.seconds));
   measured('5a', `rollout wave over ${S.rolloutDevices.toLocaleString('en-US')} devices`, median(runs.map((r) => r.rate)), 'devices/s', { op: '>=', threshold: 10_000 }, {
     runs: runs.map((r) => r.rate),
-    notes: `wave ${format(seconds)} s (target ≤ 100 s at 1,000,000); rollout-wave.ts: one 100 % wave via the cron hook, ${runs[0]?.chunks}, every device checked rotated once; ${format(median(runs.map((r) => r.scriptSeconds)))} s per run with seeding${skipped}`,
+    notes: `wave ${format(seconds)} s (target ≤ 100 s at 1,000,000); rollout-wave.ts: one 100 % wave via the cron hook, ${runs[0]?.chunks}, every device checked rotated once; ${format(median(runs.map((r) => r.scriptSeconds)))} s per run with seeding${runs[0]?.nodeCores !== undefined ? `; the script's Node process used ${runs.map((r) => r.nodeCores?.toFixed(2)).join('/')} cores during the wave (the rest of the wave's time is PostgreSQL's)` : ''}${skipped}`,
   });
   const waveRss = runs.map((r) => r.waveRssMB).filter((v): v is number => v !== undefined);
   measured('5b', 'rollout wave peak RSS', Math.max(...runs.map((r) => r.rssMB)), 'MB', { op: '<=', threshold: 300 }, {
@@ -559,7 +573,7 @@ async function figureKek(): Promise<void> {
   const groupRequests = result.runs.map((r) => r.transitRewrapRequests - (r.auditKeys > 0 ? 1 : 0));
   measured('6a', `KEK rotation rewrap of ${S.kekGroups.toLocaleString('en-US')} group DEKs`, median(rates), 'blobs/s', { op: '>=', threshold: 5_000 }, {
     runs: rates,
-    notes: `vault provider → transit emulator (own process); whole POST /v1/kek/rotate work (rotate, rewrap, swaps + audit per batch); seeded in ${format(result.seedSeconds)} s`,
+    notes: `vault provider → transit emulator (own process); whole POST /v1/kek/rotate work (rotate, rewrap, swaps + audit per batch); seeded in ${format(result.seedSeconds)} s; ${describeCpu(sumCpu(result.runs.map((r) => r.cpu)), { watched: 'transit emulator', bench: 'keystrata rotation (bench process)' })}`,
   });
   // the provider may split a call into several requests: the emulator's count says what transit saw
   const expectedRequests = result.runs.map((r) => r.groupBatchSizes.reduce((n, size) => n + Math.ceil(size / 500), 0));

@@ -206,6 +206,93 @@ export function processCpuSeconds(pid: number): number {
   return (utime + stime) / CLOCK_TICKS;
 }
 
+/** Busy and total CPU seconds of the whole machine so far (all CPUs), from /proc/stat. */
+function machineCpuSeconds(): { busy: number; total: number } {
+  const line = fs.readFileSync('/proc/stat', 'utf8').split('\n')[0] ?? '';
+  const [user = 0, nice = 0, system = 0, idle = 0, iowait = 0, irq = 0, softirq = 0, steal = 0] = line.trim().split(/\s+/).slice(1).map(Number);
+  const busy = user + nice + system + irq + softirq + steal;
+  return { busy: busy / CLOCK_TICKS, total: (busy + idle + iowait) / CLOCK_TICKS };
+}
+
+export interface CpuSplit {
+  wallSeconds: number;
+  /** CPU seconds of the watched process (the server, or a script) */
+  watched: number;
+  /** CPU seconds of this process (the load generator) */
+  bench: number;
+  /** CPU seconds of the PostgreSQL backends connected to the watched database */
+  postgres: number;
+  /** CPU seconds of everything else on the machine (PostgreSQL's shared processes, other programs) */
+  rest: number;
+  /** idle CPU seconds of the machine */
+  idle: number;
+}
+
+/** CPU seconds so far of each PostgreSQL backend connected to a database (same machine only). */
+async function backendCpu(database: string | undefined): Promise<Map<number, number>> {
+  const out = new Map<number, number>();
+  if (database === undefined) return out;
+  const client = new pg.Client({ connectionString: ADMIN_URL });
+  await client.connect();
+  try {
+    const { rows } = await client.query<{ pid: number }>('select pid from pg_stat_activity where datname = $1 and pid <> pg_backend_pid()', [database]);
+    for (const { pid } of rows) {
+      try {
+        out.set(pid, processCpuSeconds(pid));
+      } catch {
+        // gone, or PostgreSQL runs elsewhere
+      }
+    }
+  } finally {
+    await client.end();
+  }
+  return out;
+}
+
+/**
+ * Where the machine's CPU time goes between start and stop: the watched process, this one, the
+ * PostgreSQL backends of `database` (backends that ended in between are missed), the rest, idle.
+ */
+export async function cpuSplit(watchPid: number | undefined, database?: string): Promise<{ stop(): Promise<CpuSplit> }> {
+  const backends0 = await backendCpu(database);
+  const started = performance.now();
+  const machine0 = machineCpuSeconds();
+  const self0 = process.cpuUsage();
+  const watched0 = watchPid !== undefined ? processCpuSeconds(watchPid) : 0;
+  return {
+    async stop() {
+      const machine1 = machineCpuSeconds();
+      const self = process.cpuUsage(self0);
+      const watched = watchPid !== undefined ? processCpuSeconds(watchPid) - watched0 : 0;
+      const wallSeconds = (performance.now() - started) / 1000;
+      const backends1 = await backendCpu(database);
+      let postgres = 0;
+      for (const [pid, cpu] of backends1) postgres += cpu - (backends0.get(pid) ?? 0);
+      const bench = (self.user + self.system) / 1e6;
+      const busy = machine1.busy - machine0.busy;
+      return { wallSeconds, watched, bench, postgres, rest: Math.max(0, busy - watched - bench - postgres), idle: Math.max(0, machine1.total - machine0.total - busy) };
+    },
+  };
+}
+
+export function sumCpu(splits: readonly CpuSplit[]): CpuSplit {
+  const sum = (pick: (s: CpuSplit) => number) => splits.reduce((total, s) => total + pick(s), 0);
+  return { wallSeconds: sum((s) => s.wallSeconds), watched: sum((s) => s.watched), bench: sum((s) => s.bench), postgres: sum((s) => s.postgres), rest: sum((s) => s.rest), idle: sum((s) => s.idle) };
+}
+
+/** `CPU in cores: server 0.93, load generator 0.71, rest 0.30, idle 0.06` averaged over the measured time. */
+export function describeCpu(split: CpuSplit, names: { watched: string; bench: string } = { watched: 'server', bench: 'load generator' }): string {
+  const cores = (seconds: number) => (seconds / split.wallSeconds).toFixed(2);
+  const parts = [
+    split.watched > 0 ? `${names.watched} ${cores(split.watched)}` : '',
+    `${names.bench} ${cores(split.bench)}`,
+    split.postgres > 0 ? `PostgreSQL backends ${cores(split.postgres)}` : '',
+    `rest ${cores(split.rest)}`,
+    `idle ${cores(split.idle)}`,
+  ];
+  return `CPU in cores: ${parts.filter((p) => p !== '').join(', ')}`;
+}
+
 /** Peak resident set size (VmHWM) of a process so far, in bytes; undefined once it has exited. */
 export function peakRss(pid: number): number | undefined {
   try {
@@ -268,12 +355,14 @@ export interface LoadResult {
   statusCodes: Record<string, number>;
   /** CPU seconds the watched process spent during the run */
   cpuSeconds?: number;
+  cpu: CpuSplit;
 }
 
-export async function load(options: AutocannonOptions, watchPid?: number): Promise<LoadResult> {
-  const cpuBefore = watchPid !== undefined ? processCpuSeconds(watchPid) : 0;
+export async function load(options: AutocannonOptions, watch?: { pid: number; database?: string }): Promise<LoadResult> {
+  const watchPid = watch?.pid;
+  const split = await cpuSplit(watchPid, watch?.database);
   const result: AutocannonResult = await autocannon(options);
-  const cpuAfter = watchPid !== undefined ? processCpuSeconds(watchPid) : 0;
+  const cpu = await split.stop();
   const statusCodes = Object.fromEntries(Object.entries(result.statusCodeStats).map(([code, s]) => [code, s.count]));
   return {
     rps: result['2xx'] / result.duration,
@@ -285,7 +374,8 @@ export async function load(options: AutocannonOptions, watchPid?: number): Promi
     p99: result.latency.p99,
     seconds: result.duration,
     statusCodes,
-    ...(watchPid !== undefined ? { cpuSeconds: cpuAfter - cpuBefore } : {}),
+    ...(watchPid !== undefined ? { cpuSeconds: cpu.watched } : {}),
+    cpu,
   };
 }
 
