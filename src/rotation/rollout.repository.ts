@@ -316,10 +316,12 @@ export interface ItemOutcome {
 }
 
 /**
- * Record the outcome of a chunk's items (the caller holds their locks). The expected status
- * comes in as a column of the unnest, not as a constant: `status = 'pending'` would match the
- * partial index of pending items, and the planner would then walk every pending item of the
- * rollout for each chunk instead of looking the chunk's items up by primary key.
+ * Record the outcome of a chunk's items (the caller holds their locks). Every condition on
+ * `rollout_items` is a join condition with the unnest, never a constant: with `rollout_id = $1`
+ * or `status = 'pending'` the planner could scan the rollout's items through the primary key or
+ * the pending partial index as the outer side and walk the chunk's list for each of them
+ * (measured: 1.3 s a chunk at 50,000 devices, growing with the wave); with only join conditions
+ * (and the chunk's preferKeyLookups), the chunk's list drives primary-key lookups.
  */
 export async function finishItems(ex: RolloutExecutor, rolloutId: string, from: ItemStatus, items: readonly ItemOutcome[], now: Date): Promise<number> {
   if (items.length === 0) return 0;
@@ -336,9 +338,9 @@ export async function finishItems(ex: RolloutExecutor, rolloutId: string, from: 
                   ${items.map((i) => i.fromVersion ?? null)}::int[], ${items.map((i) => i.toVersion ?? null)}::int[],
                   ${items.map((i) => keep(i.fromVersion) && keep(i.toVersion))}::boolean[],
                   ${items.map((i) => (i.fields ? JSON.stringify(i.fields) : null))}::jsonb[], ${items.map((i) => keep(i.fields))}::boolean[],
-                  ${items.map((i) => i.reason ?? null)}::text[], ${items.map(() => from)}::text[])
-           as u(device_id, status, from_version, to_version, keep_versions, fields, keep_fields, reason, from_status)
-     where i.rollout_id = ${rolloutId} and i.device_id = u.device_id and i.status = u.from_status`.execute(ex);
+                  ${items.map((i) => i.reason ?? null)}::text[], ${items.map(() => from)}::text[], ${items.map(() => rolloutId)}::text[])
+           as u(device_id, status, from_version, to_version, keep_versions, fields, keep_fields, reason, from_status, rollout_id)
+     where i.rollout_id = u.rollout_id and i.device_id = u.device_id and i.status = u.from_status`.execute(ex);
   return Number(result.numAffectedRows ?? 0);
 }
 
