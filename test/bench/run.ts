@@ -69,8 +69,8 @@ const int = (name: string, fallback: number): number => {
 const S = {
   runs: int('BENCH_RUNS', QUICK ? 1 : 3),
   logLevel: env.BENCH_LOG_LEVEL ?? 'info',
-  /** also measure figure 2 with the server at LOG_LEVEL=warn (request logging off) */
-  logCompare: env.BENCH_LOG_COMPARE === '1',
+  /** also measure figure 2 with the server at LOG_LEVEL=warn (request logging off): info costs ~30 % of the requests' CPU */
+  logCompare: env.BENCH_LOG_COMPARE === undefined || env.BENCH_LOG_COMPARE === '' ? !QUICK : env.BENCH_LOG_COMPARE === '1',
   /** server figures to run under --cpu-prof: `1` means figure 2 (`single`), else a list (`enrol,single,bulk-fetch`) */
   cpuProfile: new Set(env.BENCH_CPU_PROF === '1' ? ['single'] : (env.BENCH_CPU_PROF ?? '').split(',').map((s) => s.trim()).filter((s) => s !== '')),
   strict: env.BENCH_STRICT === '1',
