@@ -6,6 +6,7 @@ import crypto from 'node:crypto';
 import type { IncomingMessage, Server, ServerResponse } from 'node:http';
 import type { ServerOptions as HttpsOptions } from 'node:https';
 import Fastify, { type FastifyBaseLogger, type FastifyInstance } from 'fastify';
+import { AccessLogController } from './http/access-log.js';
 import type { TypeBoxTypeProvider } from '@fastify/type-provider-typebox';
 import type { Logger } from 'pino';
 import type { AuditSink } from './audit/audit.types.js';
@@ -70,6 +71,7 @@ export async function buildApp(deps: AppDeps): Promise<KeystrataApp> {
       return typeof incoming === 'string' && REQUEST_ID.test(incoming) ? incoming : crypto.randomUUID();
     },
     requestIdHeader: false,
+    logController: new AccessLogController(),
     routerOptions: { maxParamLength: 200 },
     frameworkErrors, // a malformed URL or an overlong parameter: problem+json like every other refusal
     trustProxy: config.trustProxy,
@@ -107,7 +109,7 @@ export async function buildApp(deps: AppDeps): Promise<KeystrataApp> {
   const keys = createKeyService({ db: database.db, material, audit, clock });
   const rotation = createRotation({ db: database.db, kek, material, audit, clock, logger: deps.logger, registry: metrics.registry, mqttEnabled: config.mqtt !== undefined });
   const lifecycle = createDeviceLifecycleService({ db: database.db, material, audit, clock, keys, policy: lifecyclePolicyLookup(rotation.policies) });
-  const clients = createClientService({ db: database.db, audit, clock });
+  const clients = createClientService({ db: database.db, audit, clock, cacheSeconds: config.deliveryKeyCacheSeconds });
   const fetch = createKeyFetchService({
     db: database.db,
     material,

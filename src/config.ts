@@ -14,6 +14,10 @@ export interface Config {
   dataDir: string;
   databaseUrl: string | undefined;
   databasePoolSize: number;
+  /** HTTP worker processes (node:cluster); more than 1 needs PostgreSQL (server.ts) */
+  workers: number;
+  /** how long a client's imported delivery key is reused before the row is read again (0: every request) */
+  deliveryKeyCacheSeconds: number;
   /** every PostgreSQL query's deadline in ms (0: none); see db/database.ts */
   databaseQueryTimeoutMs: number;
   migrateOnStart: boolean;
@@ -66,6 +70,7 @@ export const SETTINGS: ReadonlyArray<{ name: string; default: string; meaning: s
   { name: 'KEYSTRATA_DATA_DIR', default: './data', meaning: 'PGlite files, local root key, local token issuer key' },
   { name: 'DATABASE_URL', default: 'unset → embedded PGlite', meaning: 'PostgreSQL connection string' },
   { name: 'DATABASE_POOL_SIZE', default: '10', meaning: 'maximum PostgreSQL connections per process' },
+  { name: 'KEYSTRATA_WORKERS', default: '1', meaning: 'HTTP worker processes (node:cluster) sharing the port; more than 1 needs DATABASE_URL (PGlite is single-process). Pools and rate limits are per worker' },
   { name: 'DATABASE_QUERY_TIMEOUT_MS', default: '30000', meaning: 'deadline of one PostgreSQL query (0: none); past it the request gets a 503 and the connection is dropped (a network partition would otherwise hold it forever). Migrations at start-up run under it too: raise it for a long one' },
   { name: 'KEYSTRATA_MIGRATE_ON_START', default: 'true', meaning: 'apply pending migrations at start-up' },
   { name: 'KEYSTRATA_ROOT_KEY', default: 'unset → key file in the data dir', meaning: 'base64 32-byte root key of the local KEK provider' },
@@ -83,6 +88,7 @@ export const SETTINGS: ReadonlyArray<{ name: string; default: string; meaning: s
   { name: 'AUTH_AUDIENCE', default: 'keystrata', meaning: 'required `aud` of bearer tokens' },
   { name: 'AUTH_CLOCK_TOLERANCE_SECONDS', default: '30', meaning: 'allowed clock skew when checking exp/nbf' },
   { name: 'KEY_CACHE_TTL_SECONDS', default: '3600', meaning: 'how long unwrapped parent keys stay in memory' },
+  { name: 'DELIVERY_KEY_CACHE_SECONDS', default: '5', meaning: "how long a client's (public) delivery key is reused without reading it again (0: read on every fetch). A change made through this process applies at once; other replicas and workers see it within this time" },
   { name: 'KEY_CACHE_MAX_ENTRIES', default: '100000', meaning: 'size bound of the unwrapped parent key cache' },
   { name: 'AUDIT_CHECKPOINT_INTERVAL_SECONDS', default: '3600', meaning: 'how often the server signs an audit checkpoint (only when the chain grew)' },
   { name: 'BODY_LIMIT_BYTES', default: '1048576', meaning: 'largest accepted request body' },
@@ -173,6 +179,8 @@ export function loadConfig(env: Env = process.env): Readonly<Config> {
     dataDir: path.resolve(read('KEYSTRATA_DATA_DIR') ?? './data'),
     databaseUrl: url('DATABASE_URL', ['postgres:', 'postgresql:']),
     databasePoolSize: int('DATABASE_POOL_SIZE', 10, 1, 500),
+    workers: int('KEYSTRATA_WORKERS', 1, 1, 64),
+    deliveryKeyCacheSeconds: int('DELIVERY_KEY_CACHE_SECONDS', 5, 0, 300),
     databaseQueryTimeoutMs: int('DATABASE_QUERY_TIMEOUT_MS', 30_000, 0, 3_600_000),
     migrateOnStart: bool('KEYSTRATA_MIGRATE_ON_START', true),
     rootKey,
@@ -222,6 +230,7 @@ export function loadConfig(env: Env = process.env): Readonly<Config> {
   if (jwksUrl !== undefined && new URL(jwksUrl).protocol === 'http:' && !['127.0.0.1', 'localhost', '[::1]'].includes(new URL(jwksUrl).hostname)) {
     problems.push('AUTH_JWKS_URL must use https (plain http is allowed only on loopback)');
   }
+  if (config.workers > 1 && config.databaseUrl === undefined) problems.push('KEYSTRATA_WORKERS above 1 needs DATABASE_URL: embedded PGlite lives in one process');
   if (problems.length > 0) throw new ConfigError(problems);
   return Object.freeze(config);
 }

@@ -18,10 +18,14 @@ export interface DeliveryKeyView {
   updatedAt: string;
 }
 
-export function createClientService(deps: { db: Kysely<DB>; audit: AuditSink; clock: Clock }) {
+export function createClientService(deps: { db: Kysely<DB>; audit: AuditSink; clock: Clock; /** DELIVERY_KEY_CACHE_SECONDS */ cacheSeconds?: number }) {
   const { db, audit, clock } = deps;
-  // imported keys by client, checked against the stored kid so a key change is seen at once
-  const imported = new Map<string, { kid: string; key: DeliveryKey }>();
+  const cacheMs = (deps.cacheSeconds ?? 0) * 1000;
+  // Imported keys by client. Within cacheMs of the last read the entry is used as is (one query
+  // less on every key fetch, issue 7); after that the row is read again and the import kept if
+  // the kid did not change. These are public keys: what a stale entry risks is only a delivery
+  // to a key an admin just replaced elsewhere, for at most cacheMs.
+  const imported = new Map<string, { kid: string; key: DeliveryKey; checkedAt: number }>();
 
   async function setDeliveryKey(who: Actor, clientId: string, input: Record<string, unknown>): Promise<DeliveryKeyView> {
     const { jwk, kid } = await parseDeliveryJwk(input);
@@ -46,11 +50,19 @@ export function createClientService(deps: { db: Kysely<DB>; audit: AuditSink; cl
 
   /** The client's delivery key, imported and ready for ECDH; undefined when none is registered. */
   async function deliveryKeyFor(clientId: string): Promise<{ kid: string; key: DeliveryKey } | undefined> {
-    const row = await repo.findClient(db, clientId);
-    if (!row) return undefined;
     const cached = imported.get(clientId);
-    if (cached && cached.kid === row.delivery_kid) return cached;
-    const entry = { kid: row.delivery_kid, key: await importDeliveryKey(JSON.parse(row.delivery_jwk) as DeliveryJwk) };
+    // performance.now(), not the injectable clock: tests move that clock by days
+    if (cached && performance.now() - cached.checkedAt < cacheMs) return cached;
+    const row = await repo.findClient(db, clientId);
+    if (!row) {
+      imported.delete(clientId);
+      return undefined;
+    }
+    if (cached && cached.kid === row.delivery_kid) {
+      cached.checkedAt = performance.now();
+      return cached;
+    }
+    const entry = { kid: row.delivery_kid, key: await importDeliveryKey(JSON.parse(row.delivery_jwk) as DeliveryJwk), checkedAt: performance.now() };
     imported.set(clientId, entry);
     return entry;
   }

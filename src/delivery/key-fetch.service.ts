@@ -13,6 +13,7 @@ import type { DB } from '../db/database.js';
 import { ConflictError, ForbiddenError, GoneError, NotFoundError } from '../http/errors.js';
 import type { KeyMaterial } from '../keys/key-material.js';
 import * as keys from '../keys/key.repository.js';
+import * as fetchRepo from './key-fetch.repository.js';
 import type { ClientService } from './client.service.js';
 
 export const MAX_FETCH_ITEMS = 1000;
@@ -38,7 +39,7 @@ interface Resolved {
   missing: MissingItem[];
 }
 
-type VersionRow = keys.DeviceVersionRow | keys.FieldVersionRow;
+type VersionRow = fetchRepo.DeviceVersionForFetch | fetchRepo.FieldVersionForFetch;
 
 export function createKeyFetchService(deps: {
   db: Kysely<DB>;
@@ -122,7 +123,7 @@ export function createKeyFetchService(deps: {
   async function loadRows(items: readonly FetchItem[]): Promise<LoadedRows> {
     const deviceIds = [...new Set(items.map((i) => i.deviceId))];
     const fieldDevices = [...new Set(items.filter((i) => i.field !== undefined).map((i) => i.deviceId))];
-    const [deviceRows, fieldVersions] = await Promise.all([keys.listDevicesWithVersions(db, deviceIds), keys.listFieldVersions(db, fieldDevices)]);
+    const [deviceRows, fieldVersions] = await Promise.all([fetchRepo.listDevicesWithVersions(db, deviceIds), fetchRepo.listFieldVersions(db, fieldDevices)]);
     return { deviceRows, fieldVersions };
   }
 
@@ -164,12 +165,12 @@ export function createKeyFetchService(deps: {
           key,
           meta: {
             state: row.state,
-            stateChangedAt: row.state_changed_at.toISOString(),
-            stateUntil: row.state_until ? row.state_until.toISOString() : null,
+            stateChangedAt: row.state_changed_at,
+            stateUntil: row.state_until,
             version: row.version,
             deviceId: item.deviceId,
             ...(item.field !== undefined ? { field: item.field } : {}),
-            createdAt: row.created_at.toISOString(),
+            createdAt: row.created_at,
           },
         });
       }
@@ -180,7 +181,7 @@ export function createKeyFetchService(deps: {
   async function unwrapRow(
     groupId: string,
     row: VersionRow,
-    deviceRows: readonly keys.DeviceVersionRow[],
+    deviceRows: readonly fetchRepo.DeviceVersionForFetch[],
     groupVersionOf: Map<string, { wrapped_key: string | null }>,
   ): Promise<Buffer> {
     const deviceRow = 'field' in row ? deviceRows.find((d) => d.version === row.parent_version) : row;
@@ -202,7 +203,7 @@ export function createKeyFetchService(deps: {
   }
 
   /** Group DEK rows, read only for the parent versions whose unwrapped key is not cached. */
-  async function loadGroupVersions(byDevice: Map<string, keys.DeviceVersionRow[]>, devices: Map<string, string>) {
+  async function loadGroupVersions(byDevice: Map<string, fetchRepo.DeviceVersionForFetch[]>, devices: Map<string, string>) {
     const needed = new Map<string, { groupId: string; version: number }>();
     for (const [deviceId, versions] of byDevice) {
       const groupId = devices.get(deviceId) as string;
@@ -225,8 +226,8 @@ export function createKeyFetchService(deps: {
 }
 
 interface LoadedRows {
-  deviceRows: keys.DeviceWithVersionRow[];
-  fieldVersions: keys.FieldVersionRow[];
+  deviceRows: fetchRepo.DeviceVersionForFetch[];
+  fieldVersions: fetchRepo.FieldVersionForFetch[];
 }
 
 export type KeyFetchService = ReturnType<typeof createKeyFetchService>;

@@ -69,6 +69,8 @@ const int = (name: string, fallback: number): number => {
 const S = {
   runs: int('BENCH_RUNS', QUICK ? 1 : 3),
   logLevel: env.BENCH_LOG_LEVEL ?? 'info',
+  /** the server's KEYSTRATA_WORKERS (node:cluster processes sharing the port) */
+  workers: int('BENCH_WORKERS', 1),
   /** also measure figure 2 with the server at LOG_LEVEL=warn (request logging off): info costs ~30 % of the requests' CPU */
   logCompare: env.BENCH_LOG_COMPARE === undefined || env.BENCH_LOG_COMPARE === '' ? !QUICK : env.BENCH_LOG_COMPARE === '1',
   /** server figures to run under --cpu-prof: `1` means figure 2 (`single`), else a list (`enrol,single,bulk-fetch`) */
@@ -177,13 +179,13 @@ async function startServer(database: ScratchDatabase, dataDir: string, options: 
   // one profile per thread (tsx's module loader runs in a worker); the main thread's is `CPU.<date>.<time>.<pid>.0.<seq>.cpuprofile`
   const nodeArgs = options.cpuProfile ? ['--cpu-prof', `--cpu-prof-dir=${options.cpuProfile}`] : [];
   const child = startNode('src/server.ts', [], {
-    env: baseEnv({ DATABASE_URL: database.url, KEYSTRATA_DATA_DIR: dataDir, PORT: String(port), HOST: '127.0.0.1', LOG_LEVEL: options.logLevel, RATE_LIMIT_ENABLED: 'false' }),
+    env: baseEnv({ DATABASE_URL: database.url, KEYSTRATA_DATA_DIR: dataDir, PORT: String(port), HOST: '127.0.0.1', LOG_LEVEL: options.logLevel, RATE_LIMIT_ENABLED: 'false', KEYSTRATA_WORKERS: String(S.workers) }),
     logFile,
     nodeArgs,
   });
   const url = `http://127.0.0.1:${port}`;
   await waitForHttp(`${url}/readyz`, child);
-  log(`keystrata server pid ${child.pid} on ${url} (LOG_LEVEL=${options.logLevel}${options.cpuProfile ? `, --cpu-prof → ${options.cpuProfile}` : ''})`);
+  log(`keystrata server pid ${child.pid} on ${url} (LOG_LEVEL=${options.logLevel}, KEYSTRATA_WORKERS=${S.workers}${options.cpuProfile ? `, --cpu-prof → ${options.cpuProfile}` : ''})`);
   return { child, startedAt, database: database.name, url, logFile, stop: () => child.stop('SIGTERM', 30_000) };
 }
 

@@ -196,14 +196,40 @@ function readTail(file: string): string {
 
 const CLOCK_TICKS = 100; // sysconf(_SC_CLK_TCK) on Linux
 
-/** User + system CPU seconds of a process (all its threads) so far, from /proc/<pid>/stat. */
+/**
+ * User + system CPU seconds so far of a process (all its threads) and of its live descendants
+ * (a server with KEYSTRATA_WORKERS > 1 is a cluster primary whose workers do the work; tsx may
+ * put a child in between), from /proc/<pid>/stat.
+ */
 export function processCpuSeconds(pid: number): number {
-  const stat = fs.readFileSync(`/proc/${pid}/stat`, 'utf8');
-  // the command name (field 2) may hold spaces: fields are counted after its closing parenthesis
-  const fields = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
-  const utime = Number(fields[11]);
-  const stime = Number(fields[12]);
-  return (utime + stime) / CLOCK_TICKS;
+  return processTree(pid).reduce((sum, p) => sum + p.cpuSeconds, 0);
+}
+
+/** The process and its live descendants, each with its own CPU seconds so far. */
+export function processTree(pid: number): Array<{ pid: number; cpuSeconds: number }> {
+  const parentOf = new Map<number, number>();
+  const cpuOf = new Map<number, number>();
+  for (const entry of fs.readdirSync('/proc')) {
+    if (!/^\d+$/.test(entry)) continue;
+    try {
+      const stat = fs.readFileSync(`/proc/${entry}/stat`, 'utf8');
+      // the command name (field 2) may hold spaces: fields are counted after its closing parenthesis
+      const fields = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
+      parentOf.set(Number(entry), Number(fields[1]));
+      cpuOf.set(Number(entry), (Number(fields[11]) + Number(fields[12])) / CLOCK_TICKS);
+    } catch {
+      // exited while we looked
+    }
+  }
+  const tree: Array<{ pid: number; cpuSeconds: number }> = [];
+  const visit = (p: number) => {
+    const cpu = cpuOf.get(p);
+    if (cpu === undefined) return;
+    tree.push({ pid: p, cpuSeconds: cpu });
+    for (const [child, parent] of parentOf) if (parent === p) visit(child);
+  };
+  visit(pid);
+  return tree;
 }
 
 /** Busy and total CPU seconds of the whole machine so far (all CPUs), from /proc/stat. */
@@ -293,15 +319,22 @@ export function describeCpu(split: CpuSplit, names: { watched: string; bench: st
   return `CPU in cores: ${parts.filter((p) => p !== '').join(', ')}`;
 }
 
-/** Peak resident set size (VmHWM) of a process so far, in bytes; undefined once it has exited. */
+/**
+ * Peak resident set size (VmHWM) so far of a process plus its live descendants (each one's own
+ * peak, summed: an upper bound of the tree's peak), in bytes; undefined once it has exited.
+ */
 export function peakRss(pid: number): number | undefined {
-  try {
-    const status = fs.readFileSync(`/proc/${pid}/status`, 'utf8');
-    const match = /^VmHWM:\s+(\d+) kB/m.exec(status);
-    return match ? Number(match[1]) * 1024 : undefined;
-  } catch {
-    return undefined;
+  let sum: number | undefined;
+  for (const { pid: p } of processTree(pid)) {
+    try {
+      const status = fs.readFileSync(`/proc/${p}/status`, 'utf8');
+      const match = /^VmHWM:\s+(\d+) kB/m.exec(status);
+      if (match) sum = (sum ?? 0) + Number(match[1]) * 1024;
+    } catch {
+      // exited
+    }
   }
+  return sum;
 }
 
 /** Follows a child's peak RSS by polling VmHWM (a high-water mark, so polling misses nothing but the last interval). */

@@ -54,7 +54,7 @@ describe('logs', () => {
     for (const row of await t.database.db.selectFrom('group_versions').select('wrapped_key').execute()) secrets.push(row.wrapped_key as string);
 
     const logText = t.logs.join('\n');
-    expect(t.logs.length).toBeGreaterThan(20); // the flow really was logged
+    expect(t.logs.filter((l) => l.includes('"request completed"')).length).toBeGreaterThan(10); // the flow really was logged
     expect(logText).toContain('"reqId"');
     for (const secret of secrets) {
       expect(secret.length).toBeGreaterThan(16);
