@@ -4,7 +4,8 @@
  * device DEKs are cached (keys/key-cache.ts); field keys are leaves and never cached.
  * Every wrap and unwrap binds the blob to its row (crypto/binding.ts).
  */
-import { generateKey, unwrapKey, wrapKey } from '../crypto/aead.js';
+import crypto from 'node:crypto';
+import { generateKey, KEY_BYTES, unwrapKey, wrapKey } from '../crypto/aead.js';
 import { deviceBinding, fieldBinding, groupBinding } from '../crypto/binding.js';
 import { UnwrapError } from '../http/errors.js';
 import { kekBlobVersion, type KekProvider } from '../kek/kek.types.js';
@@ -21,10 +22,50 @@ export interface KeyMaterial {
   groupKey(groupId: string, version: number, wrapped: string | null): Promise<Buffer>;
   /** A fresh device DEK (or field key) wrapped under the given parent key. */
   newDeviceKey(groupKey: Buffer, groupId: string, groupVersion: number, deviceId: string, version: number): { wrapped: Buffer; key: Buffer };
+  /**
+   * Fresh device DEKs for many devices at once, wrapped under the group key: the blobs of
+   * `deviceIds[i]`, each WRAPPED_KEY_BYTES long and bound by its AAD to its own row, laid end to
+   * end in one buffer. The plaintext keys are zeroed before this returns.
+   */
+  newDeviceKeys(groupKey: Buffer, groupId: string, groupVersion: number, deviceIds: readonly string[], version: number): Buffer;
   deviceKey(groupKey: Buffer, groupId: string, groupVersion: number, deviceId: string, version: number, wrapped: Buffer | null): Buffer;
   newFieldKey(deviceKey: Buffer, deviceId: string, deviceVersion: number, field: string, version: number): { wrapped: Buffer; key: Buffer };
   fieldKey(deviceKey: Buffer, deviceId: string, deviceVersion: number, field: string, version: number, wrapped: Buffer | null): Buffer;
   readonly cache: KeyCache;
+}
+
+// the layout of crypto/aead.ts wrapKey: nonce (12) ‖ ciphertext (32) ‖ tag (16)
+const NONCE_BYTES = 12;
+const TAG_BYTES = 16;
+/** Length of one wrapped 32-byte key (crypto/aead.ts). */
+export const WRAPPED_KEY_BYTES = NONCE_BYTES + KEY_BYTES + TAG_BYTES;
+
+/**
+ * wrapKey for a batch: the same AES-256-GCM wrap with a fresh random 96-bit nonce per blob and
+ * the row's binding string as AAD, but the fresh keys and nonces come from ONE CSPRNG call and
+ * the blobs are written straight into one buffer (two allocations a device less, and no
+ * Buffer.concat). The random buffer (plaintext keys included) is zeroed before returning.
+ */
+export function wrapNewKeys(parentKey: Buffer, count: number, aadOf: (index: number) => string): Buffer {
+  if (parentKey.length !== KEY_BYTES) throw new Error('AES-256 key must be 32 bytes');
+  const random = crypto.randomBytes(count * (KEY_BYTES + NONCE_BYTES));
+  const out = Buffer.allocUnsafe(count * WRAPPED_KEY_BYTES);
+  try {
+    for (let i = 0, r = 0, o = 0; i < count; i += 1, r += KEY_BYTES + NONCE_BYTES, o += WRAPPED_KEY_BYTES) {
+      const nonce = random.subarray(r + KEY_BYTES, r + KEY_BYTES + NONCE_BYTES);
+      const cipher = crypto.createCipheriv('aes-256-gcm', parentKey, nonce, { authTagLength: TAG_BYTES });
+      cipher.setAAD(Buffer.from(aadOf(i), 'utf8'));
+      const ciphertext = cipher.update(random.subarray(r, r + KEY_BYTES));
+      cipher.final();
+      if (ciphertext.length !== KEY_BYTES) throw new Error('AES-GCM returned an unexpected ciphertext length');
+      out.set(nonce, o);
+      out.set(ciphertext, o + NONCE_BYTES);
+      out.set(cipher.getAuthTag(), o + NONCE_BYTES + KEY_BYTES);
+    }
+  } finally {
+    random.fill(0);
+  }
+  return out;
 }
 
 export function createKeyMaterial(deps: { kek: KekProvider; cache: KeyCache; onUnwrapFailure?: (failure: UnwrapFailure) => void }): KeyMaterial {
@@ -60,6 +101,10 @@ export function createKeyMaterial(deps: { kek: KekProvider; cache: KeyCache; onU
     newDeviceKey(groupKey, groupId, groupVersion, deviceId, version) {
       const key = generateKey();
       return { key, wrapped: wrapKey(groupKey, key, deviceBinding(deviceId, version, groupId, groupVersion)) };
+    },
+
+    newDeviceKeys(groupKey, groupId, groupVersion, deviceIds, version) {
+      return wrapNewKeys(groupKey, deviceIds.length, (i) => deviceBinding(deviceIds[i] as string, version, groupId, groupVersion));
     },
 
     deviceKey(groupKey, groupId, groupVersion, deviceId, version, wrapped) {

@@ -2,7 +2,7 @@
  * SQL of the key hierarchy. Every function takes an executor (the Kysely handle or the
  * caller's transaction): services decide the transaction boundaries.
  */
-import type { Insertable, Selectable } from 'kysely';
+import { sql, type Insertable, type Selectable } from 'kysely';
 import type { Executor } from '../db/database.js';
 import type {
   DeviceVersionsTable,
@@ -20,9 +20,6 @@ export type FieldVersionRow = Omit<Selectable<FieldVersionsTable>, 'state_before
 
 /** States whose material may be delivered to backends (DESIGN §2). */
 export { DELIVERABLE_STATES } from './lifecycle.js';
-
-// Large bulk inserts are split so one statement stays under PostgreSQL's 65,535 parameters.
-const INSERT_CHUNK = 2000;
 
 // ---------- groups ----------
 
@@ -75,26 +72,47 @@ export async function findPrimaryGroupVersion(ex: Executor, groupId: string): Pr
 
 // ---------- devices ----------
 
-export async function insertDevices(
+/**
+ * New devices of one group, set-based: ONE statement for all the ids (an array parameter
+ * unnested by the server), however many there are. An id that already exists fails the
+ * statement with a unique violation on `devices_pkey` (isExistingDeviceError); nothing is
+ * written then, and the caller's transaction is aborted.
+ */
+export async function insertDeviceRows(ex: Executor, groupId: string, ids: readonly string[], now: Date): Promise<void> {
+  await sql`insert into devices (id, group_id, created_at)
+            select u.id, ${groupId}, ${now}::timestamptz from unnest(${ids}::text[]) as u(id)`.execute(ex);
+}
+
+/**
+ * Version 1 (primary) of each new device, set-based: `wrapped` holds the blobs of `ids[i]`
+ * end to end, `blobBytes` each, sent as ONE binary bytea parameter and cut per row by the
+ * server (the i-th id gets the i-th blob: `with ordinality` keeps the array order).
+ */
+export async function insertFirstDeviceVersions(
   ex: Executor,
-  devices: ReadonlyArray<{ id: string; group_id: string }>,
-  versions: ReadonlyArray<Insertable<DeviceVersionsTable>>,
+  ids: readonly string[],
+  wrapped: Buffer,
+  blobBytes: number,
+  parentVersion: number,
+  now: Date,
 ): Promise<void> {
-  for (let i = 0; i < devices.length; i += INSERT_CHUNK) {
-    await ex.insertInto('devices').values(devices.slice(i, i + INSERT_CHUNK)).execute();
-  }
-  for (let i = 0; i < versions.length; i += INSERT_CHUNK) {
-    await ex.insertInto('device_versions').values(versions.slice(i, i + INSERT_CHUNK)).execute();
-  }
+  if (wrapped.length !== ids.length * blobBytes) throw new Error('insertFirstDeviceVersions: one blob per id expected');
+  await sql`insert into device_versions (device_id, version, state, wrapped_key, parent_version, created_at, state_changed_at, state_until)
+            select u.id, 1, 'primary', substring(${wrapped}::bytea from ((u.n - 1) * ${blobBytes}::int + 1)::int for ${blobBytes}::int),
+                   ${parentVersion}::int, ${now}::timestamptz, ${now}::timestamptz, null
+            from unnest(${ids}::text[]) with ordinality as u(id, n)`.execute(ex);
+}
+
+/** The error insertDeviceRows raises when an id is already enrolled. */
+export function isExistingDeviceError(error: unknown): boolean {
+  const e = error as { code?: unknown; constraint?: unknown } | null;
+  return e?.code === '23505' && (e.constraint === undefined || e.constraint === 'devices_pkey');
 }
 
 export async function findExistingDeviceIds(ex: Executor, ids: readonly string[]): Promise<string[]> {
-  const found: string[] = [];
-  for (let i = 0; i < ids.length; i += INSERT_CHUNK) {
-    const rows = await ex.selectFrom('devices').select('id').where('id', 'in', ids.slice(i, i + INSERT_CHUNK)).execute();
-    for (const row of rows) found.push(row.id);
-  }
-  return found;
+  if (ids.length === 0) return [];
+  const { rows } = await sql<{ id: string }>`select id from devices where id = any(${ids}::text[]) order by id`.execute(ex);
+  return rows.map((row) => row.id);
 }
 
 export async function findDevice(ex: Executor, deviceId: string): Promise<{ id: string; group_id: string; created_at: Date } | undefined> {

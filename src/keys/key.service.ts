@@ -10,7 +10,7 @@ import type { DB } from '../db/database.js';
 import { BadRequestError, ConflictError, NotFoundError, UnavailableError } from '../http/errors.js';
 import { decodeCursor, encodeCursor } from '../http/schemas.js';
 import { admitKekBlob, KEK_FENCE_ATTEMPTS } from './kek-fence.repository.js';
-import type { KeyMaterial } from './key-material.js';
+import { WRAPPED_KEY_BYTES, type KeyMaterial } from './key-material.js';
 import * as repo from './key.repository.js';
 import { enqueueKeyUpdate } from '../distribution/outbox.js'; // issue 6: key updates to devices (outbox, same transaction)
 
@@ -118,26 +118,48 @@ export function createKeyService(deps: { db: Kysely<DB>; material: KeyMaterial; 
       if (!(await repo.findGroup(db, groupId))) throw new NotFoundError(`Group ${groupId} not found`);
       throw new ConflictError(`Group ${groupId} has no primary version`, 'no_primary_version');
     }
-    const existing = await repo.findExistingDeviceIds(db, ids);
-    if (existing.length > 0) {
-      throw new ConflictError(`${existing.length} device id(s) are already enrolled: ${existing.slice(0, 10).join(', ')}`, 'device_exists');
-    }
-
     const groupKey = await material.groupKey(groupId, group.version, group.wrapped_key);
     const now = clock.now();
-    const versions = ids.map((deviceId) => {
-      const { wrapped, key } = material.newDeviceKey(groupKey, groupId, group.version, deviceId, 1);
-      key.fill(0);
-      return { device_id: deviceId, version: 1, state: 'primary' as const, wrapped_key: wrapped, parent_version: group.version, created_at: now, state_changed_at: now, state_until: null };
-    });
-    groupKey.fill(0);
-    await db.transaction().execute(async (trx) => {
-      await repo.insertDevices(trx, ids.map((id) => ({ id, group_id: groupId, created_at: now })), versions);
-      await audit.record(
-        trx,
-        ids.map((deviceId) => event(who, { action: 'device.enrol', outcome: 'success', keyId: `device:${deviceId}`, details: { groupId, version: 1, groupVersion: group.version } })),
+    // Set-based and pipelined: the devices INSERT is sent first and PostgreSQL runs it while
+    // Node wraps the new device DEKs; then one INSERT of all the version rows, then the audit
+    // events. The existence check is the INSERT itself: an id already enrolled fails it with a
+    // unique violation, the transaction rolls back (nothing written), and the ids are listed
+    // afterwards for the 409.
+    let exists = false;
+    try {
+      await db.transaction().execute(async (trx) => {
+        const devicesInserted = repo.insertDeviceRows(trx, groupId, ids, now).catch((error: unknown) => {
+          if (repo.isExistingDeviceError(error)) exists = true;
+          throw error;
+        });
+        devicesInserted.catch(() => undefined); // handled: awaited below, once the keys are wrapped
+        let wrapped: Buffer;
+        try {
+          await new Promise<void>((resolve) => setImmediate(resolve)); // the INSERT goes out to the server first
+          wrapped = material.newDeviceKeys(groupKey, groupId, group.version, ids, 1);
+        } catch (error) {
+          await devicesInserted.catch(() => undefined);
+          throw error;
+        }
+        await devicesInserted;
+        await repo.insertFirstDeviceVersions(trx, ids, wrapped, WRAPPED_KEY_BYTES, group.version, now);
+        await audit.record(
+          trx,
+          ids.map((deviceId) => event(who, { action: 'device.enrol', outcome: 'success', keyId: `device:${deviceId}`, details: { groupId, version: 1, groupVersion: group.version } })),
+        );
+      });
+    } catch (error) {
+      if (!exists) throw error;
+      const existing = await repo.findExistingDeviceIds(db, ids);
+      throw new ConflictError(
+        existing.length > 0
+          ? `${existing.length} device id(s) are already enrolled: ${existing.slice(0, 10).join(', ')}`
+          : 'Some device ids were enrolled concurrently by another call',
+        'device_exists',
       );
-    });
+    } finally {
+      groupKey.fill(0);
+    }
     return { groupVersion: group.version, enrolled: ids.length };
   }
 
