@@ -12,6 +12,7 @@ import * as rotationPolicies from './20261121000400_rotation_policies.js';
 import * as distribution from './20261121000600_distribution.js';
 import * as rollouts from './20261121000700_rollouts.js';
 import * as graceRequiresAck from './20261121000800_grace_requires_ack.js';
+import * as auditBulk from './20261121000900_audit_bulk.js';
 
 export const migrations: Record<string, Migration> = {
   '20261121000100_hierarchy': hierarchy,
@@ -23,4 +24,5 @@ export const migrations: Record<string, Migration> = {
   '20261121000600_distribution': distribution,
   '20261121000700_rollouts': rollouts,
   '20261121000800_grace_requires_ack': graceRequiresAck,
+  '20261121000900_audit_bulk': auditBulk,
 };

@@ -48,8 +48,12 @@ export class InvalidAuditEventError extends Error {
   }
 }
 
+// eslint-disable-next-line no-control-regex
+const MAYBE_UNSTORABLE = /[\u0000\uD800-\uDFFF]/;
+
 function storable(value: string): string {
-  return value.replace(UNSTORABLE, '\uFFFD');
+  // the cheap test first: almost no string holds a NUL or a surrogate
+  return MAYBE_UNSTORABLE.test(value) ? value.replace(UNSTORABLE, '\uFFFD') : value;
 }
 
 function requiredText(name: keyof typeof LIMITS, value: unknown): string {
@@ -74,18 +78,60 @@ function storableJson(value: unknown): unknown {
   return out;
 }
 
+/**
+ * Canonical JSON of a details object, as `canonicalJson(storableJson(JSON.parse(JSON.stringify(details))))`
+ * gives it, in one pass over the parsed value. Bulk writes (a rollout chunk, an enrolment) carry
+ * the same details again and again: the result is remembered per JSON text (a pure function of
+ * it), for small texts and a bounded number of them.
+ */
+const DETAILS_MEMO_ENTRIES = 1000;
+const DETAILS_MEMO_MAX_CHARS = 1024;
+const detailsMemo = new Map<string, string>();
+
+function canonicalDetails(details: object): string {
+  let text: string | undefined;
+  let canonical: string | undefined;
+  try {
+    text = JSON.stringify(details);
+    canonical = detailsMemo.get(text);
+    if (canonical !== undefined) return canonical;
+    canonical = canonicalStorableJson(JSON.parse(text));
+  } catch {
+    throw new InvalidAuditEventError('details must be JSON-serialisable');
+  }
+  if (Buffer.byteLength(canonical, 'utf8') > LIMITS.detailsBytes) throw new InvalidAuditEventError(`details exceed ${LIMITS.detailsBytes} bytes`);
+  if (text.length <= DETAILS_MEMO_MAX_CHARS) {
+    if (detailsMemo.size >= DETAILS_MEMO_ENTRIES) detailsMemo.clear();
+    detailsMemo.set(text, canonical);
+  }
+  return canonical;
+}
+
+/** `canonicalJson(storableJson(value))` for a parsed JSON value, without the intermediate copy. */
+function canonicalStorableJson(value: unknown): string {
+  if (typeof value === 'string') return JSON.stringify(storable(value));
+  if (value === null || typeof value !== 'object') return canonicalJson(value);
+  if (Array.isArray(value)) return `[${value.map(canonicalStorableJson).join(',')}]`;
+  const object = value as Record<string, unknown>;
+  const keys = Object.keys(object);
+  // a key that storable() changes may collide with another: let storableJson settle it, as always
+  for (const key of keys) if (MAYBE_UNSTORABLE.test(key)) return canonicalJson(storableJson(value));
+  keys.sort();
+  let out = '{';
+  for (let i = 0; i < keys.length; i++) {
+    const key = keys[i] as string;
+    if (i > 0) out += ',';
+    out += `${JSON.stringify(key)}:${canonicalStorableJson(object[key])}`;
+  }
+  return `${out}}`;
+}
+
 export function prepareEvent(input: AuditEventInput): PreparedEvent {
   if (input === null || typeof input !== 'object') throw new InvalidAuditEventError('not an object');
   if (!OUTCOMES.has(input.outcome)) throw new InvalidAuditEventError('outcome must be success, failure or denied');
   const details = input.details ?? {};
   if (typeof details !== 'object' || details === null || Array.isArray(details)) throw new InvalidAuditEventError('details must be an object');
-  let detailsJson: string;
-  try {
-    detailsJson = canonicalJson(storableJson(JSON.parse(JSON.stringify(details))));
-  } catch {
-    throw new InvalidAuditEventError('details must be JSON-serialisable');
-  }
-  if (Buffer.byteLength(detailsJson, 'utf8') > LIMITS.detailsBytes) throw new InvalidAuditEventError(`details exceed ${LIMITS.detailsBytes} bytes`);
+  const detailsJson = canonicalDetails(details);
   return {
     actor: requiredText('actor', input.actor),
     action: requiredText('action', input.action),

@@ -35,18 +35,23 @@ export interface AuditEventRow {
  */
 export type ChainTuple = [number, string, string, string, string, string | null, Record<string, unknown>, string | null, string, string];
 
-export interface NewAuditEventRow {
-  position: number;
+/**
+ * Consecutive new events, as columns: event i (0-based) has position `firstPosition + i`, links
+ * to `chain[32·i, 32·i + 32)` and has the hash `chain[32·(i + 1), 32·(i + 2))`. All of one
+ * `record` share one time (read under the chain-head lock).
+ */
+export interface NewAuditEvents {
+  firstPosition: number;
   occurredAt: Date;
-  actor: string;
-  action: string;
-  outcome: AuditOutcome;
-  keyId: string | null;
-  /** canonical JSON text of the details */
-  detailsJson: string;
-  requestId: string | null;
-  prevHash: Buffer;
-  hash: Buffer;
+  actors: string[];
+  actions: string[];
+  outcomes: AuditOutcome[];
+  keyIds: Array<string | null>;
+  /** canonical JSON text of each event's details */
+  details: string[];
+  requestIds: Array<string | null>;
+  /** the hash before the first event, then every event's hash: 32 · (count + 1) bytes */
+  chain: Buffer;
 }
 
 export interface EventFilters {
@@ -72,8 +77,8 @@ export function toBuffer(value: Uint8Array): Buffer {
   return Buffer.isBuffer(value) ? value : Buffer.from(value.buffer, value.byteOffset, value.byteLength);
 }
 
-/** Rows per INSERT: 10 parameters a row stays far below PostgreSQL's 65,535. */
-const INSERT_CHUNK = 1000;
+/** Events per INSERT statement (a bound on the statement's arrays, not a cost per row). */
+const INSERT_CHUNK = 50_000;
 
 // ---- chain head ----
 
@@ -95,26 +100,27 @@ export async function updateHead(trx: Executor, head: ChainHead): Promise<void> 
 
 // ---- events ----
 
-export async function insertEvents(trx: Executor, rows: ReadonlyArray<NewAuditEventRow>): Promise<void> {
-  for (let i = 0; i < rows.length; i += INSERT_CHUNK) {
-    await trx
-      .insertInto('audit_events')
-      .values(
-        rows.slice(i, i + INSERT_CHUNK).map((r) => ({
-          position: r.position,
-          occurred_at: r.occurredAt,
-          actor: r.actor,
-          action: r.action,
-          outcome: r.outcome,
-          key_id: r.keyId,
-          // a text parameter cast by the server: pg and PGlite would each serialise an object their own way
-          details: sql<string>`cast(${r.detailsJson}::text as jsonb)`,
-          request_id: r.requestId,
-          prev_hash: r.prevHash,
-          hash: r.hash,
-        })),
-      )
-      .execute();
+/**
+ * Append events with one set-based INSERT (per 50,000): the columns travel as arrays, the
+ * hashes as one bytea, and the link trigger checks the whole statement at once
+ * (migrations/20261121000900_audit_bulk.ts). Details are text cast by the server: pg and
+ * PGlite would each serialise an object their own way.
+ */
+export async function insertEvents(trx: Executor, events: NewAuditEvents): Promise<void> {
+  const count = events.actors.length;
+  for (let i = 0; i < count; i += INSERT_CHUNK) {
+    const end = Math.min(i + INSERT_CHUNK, count);
+    const part = <T>(column: T[]): T[] => (i === 0 && end === count ? column : column.slice(i, end));
+    const chain = events.chain.subarray(i * 32, (end + 1) * 32);
+    await sql`
+      insert into audit_events (position, occurred_at, actor, action, outcome, key_id, details, request_id, prev_hash, hash)
+      select ${events.firstPosition + i}::int8 + e.ord - 1, ${events.occurredAt}::timestamptz, e.actor, e.action, e.outcome, e.key_id,
+             cast(e.details as jsonb), e.request_id, substring(c.chain, (32 * e.ord - 31)::int, 32), substring(c.chain, (32 * e.ord + 1)::int, 32)
+      from (select ${chain}::bytea as chain) c,
+           unnest(${part(events.actors)}::text[], ${part(events.actions)}::text[], ${part(events.outcomes)}::text[],
+                  ${part(events.keyIds)}::text[], ${part(events.details)}::text[], ${part(events.requestIds)}::text[])
+             with ordinality as e(actor, action, outcome, key_id, details, request_id, ord)
+      order by e.ord`.execute(trx);
   }
 }
 

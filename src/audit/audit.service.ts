@@ -35,6 +35,7 @@ import {
   chainHash,
   chainHashHex,
   GENESIS_HASH,
+  HASH_BYTES,
   prepareEvent,
   type PreparedEvent,
 } from './audit.chain.js';
@@ -50,6 +51,8 @@ const KEY_VERSION = 1;
 const HMAC_KEY_BYTES = 32;
 /** How long `record` inside a caller's transaction waits for the HMAC key to load (see hmacKeyFor). */
 const KEY_WAIT_IN_TRANSACTION_MS = 1000;
+/** Events per INSERT statement of `record` (the next chunk is hashed while the server stores one). */
+const WRITE_CHUNK = 2000;
 /** `verify` lets the event loop turn every so many events (about 10 ms of hashing). */
 const YIELD_EVERY = 2000;
 
@@ -314,23 +317,67 @@ export function createAuditService(options: AuditServiceOptions): AuditService {
 
   // ---- appending ----
 
-  /** Append prepared events under the chain-head lock of `trx` (one lock, one INSERT per 1,000 events). */
+  /**
+   * Append prepared events under the chain-head lock of `trx`: one lock, one head update, and one
+   * set-based INSERT per `WRITE_CHUNK` events. The INSERTs are pipelined: while the server
+   * stores one chunk, the next one is hashed (the chain is sequential, so the hashing is not).
+   */
   async function append(trx: Executor, key: KeyObject, events: ReadonlyArray<PreparedEvent>): Promise<void> {
     const head = await repo.lockHead(trx);
     // read the clock under the lock, so time never goes backwards along the chain of one process
     const occurredAt = clock.now();
     const time = canonicalTime(occurredAt);
+    const count = events.length;
     let prevHash = head.hash;
-    let position = head.position;
-    const rows = events.map((event): repo.NewAuditEventRow => {
-      position += 1;
-      const hash = chainHash(key, prevHash, canonicalEvent({ ...event, position, time }));
-      const row = { ...event, position, occurredAt, prevHash, hash };
-      prevHash = hash;
-      return row;
-    });
-    await repo.insertEvents(trx, rows);
-    await repo.updateHead(trx, { position, hash: prevHash });
+    let failure: { error: unknown } | undefined;
+    const inserts: Array<Promise<void>> = [];
+    for (let start = 0; start < count && failure === undefined; start += WRITE_CHUNK) {
+      const end = Math.min(start + WRITE_CHUNK, count);
+      const size = end - start;
+      const chunk: repo.NewAuditEvents = {
+        firstPosition: head.position + 1 + start,
+        occurredAt,
+        actors: new Array<string>(size),
+        actions: new Array<string>(size),
+        outcomes: new Array<AuditOutcome>(size),
+        keyIds: new Array<string | null>(size),
+        details: new Array<string>(size),
+        requestIds: new Array<string | null>(size),
+        chain: Buffer.alloc(HASH_BYTES * (size + 1)),
+      };
+      prevHash.copy(chunk.chain, 0);
+      for (let i = 0; i < size; i++) {
+        const event = events[start + i] as PreparedEvent;
+        const canonical = canonicalEvent({
+          position: chunk.firstPosition + i,
+          time,
+          actor: event.actor,
+          action: event.action,
+          outcome: event.outcome,
+          keyId: event.keyId,
+          detailsJson: event.detailsJson,
+          requestId: event.requestId,
+        });
+        chainHash(key, chunk.chain.subarray(HASH_BYTES * i, HASH_BYTES * (i + 1)), canonical).copy(chunk.chain, HASH_BYTES * (i + 1));
+        chunk.actors[i] = event.actor;
+        chunk.actions[i] = event.action;
+        chunk.outcomes[i] = event.outcome;
+        chunk.keyIds[i] = event.keyId;
+        chunk.details[i] = event.detailsJson;
+        chunk.requestIds[i] = event.requestId;
+      }
+      prevHash = Buffer.from(chunk.chain.subarray(HASH_BYTES * size));
+      inserts.push(
+        repo.insertEvents(trx, chunk).catch((error: unknown) => {
+          failure ??= { error }; // the first failure; the later INSERTs then fail on the aborted transaction
+        }),
+      );
+      // let this INSERT reach the server before hashing the next chunk
+      if (end < count) await yieldToEventLoop();
+    }
+    await Promise.all(inserts);
+    if (failure !== undefined) throw failure.error;
+    await repo.updateHead(trx, { position: head.position + count, hash: prevHash });
   }
 
   async function record(executor: Executor, events: ReadonlyArray<AuditEventInput>): Promise<void> {
