@@ -12,7 +12,10 @@
  */
 import { fork } from 'node:child_process';
 import crypto from 'node:crypto';
+import fs from 'node:fs';
+import inspector from 'node:inspector/promises';
 import path from 'node:path';
+import { fileURLToPath } from 'node:url';
 import { createAuditService } from '../../src/audit/audit.service.js';
 import { systemClock } from '../../src/clock.js';
 import { groupBinding } from '../../src/crypto/binding.js';
@@ -50,12 +53,20 @@ interface EmulatorChild {
   token: string;
   mount: string;
   rewrapRequests(): Promise<number>;
+  /** starts the emulator's CPU profiler (through node:inspector) */
+  profileStart(): Promise<void>;
+  /** stops it and writes the profile to `file` */
+  profileStop(file: string): Promise<void>;
   close(): Promise<void>;
 }
 
 async function startEmulatorChild(): Promise<EmulatorChild> {
   const child = fork(path.join(REPO_ROOT, 'test/bench/transit-child.ts'), [], { cwd: REPO_ROOT, execArgv: ['--import', 'tsx'], stdio: ['ignore', 'inherit', 'inherit', 'ipc'] });
-  type Message = { type: 'ready'; url: string; token: string; mount: string } | { type: 'requests'; requests: Array<{ method: string; path: string; status: number }> };
+  type Message =
+    | { type: 'ready'; url: string; token: string; mount: string }
+    | { type: 'requests'; requests: Array<{ method: string; path: string; status: number }> }
+    | { type: 'profiling' }
+    | { type: 'profiled' };
   const next = <T extends Message['type']>(type: T) =>
     new Promise<Extract<Message, { type: T }>>((resolve, reject) => {
       const onMessage = (message: Message) => {
@@ -79,6 +90,16 @@ async function startEmulatorChild(): Promise<EmulatorChild> {
       child.send({ type: 'requests' });
       return (await answer).requests.filter((r) => r.method === 'POST' && /\/rewrap\//.test(r.path) && r.status === 200).length;
     },
+    async profileStart() {
+      const answer = next('profiling');
+      child.send({ type: 'profile-start' });
+      await answer;
+    },
+    async profileStop(file: string) {
+      const answer = next('profiled');
+      child.send({ type: 'profile-stop', file });
+      await answer;
+    },
     async close() {
       if (child.exitCode !== null) return;
       const exited = new Promise((resolve) => child.once('exit', resolve));
@@ -99,7 +120,8 @@ async function pool<T>(items: readonly T[], concurrency: number, work: (item: T)
   );
 }
 
-export async function benchKekRewrap(options: { groups: number; runs: number }): Promise<KekRewrapResult> {
+/** `profileDir`: CPU profiles of both processes (this one and the emulator's) over each measured run, `kek-<run>-{rotation,emulator}.cpuprofile`. */
+export async function benchKekRewrap(options: { groups: number; runs: number; profileDir?: string | undefined }): Promise<KekRewrapResult> {
   const emulator = await startEmulatorChild();
   const scratch = await createScratchDatabase('kek');
   const database = createPostgresDatabase(scratch.url, 10);
@@ -149,10 +171,25 @@ export async function benchKekRewrap(options: { groups: number; runs: number }):
       batchSizes.length = 0;
       const requestsBefore = await emulator.rewrapRequests();
       started = performance.now();
+      const profiler = options.profileDir !== undefined ? new inspector.Session() : undefined;
+      if (profiler) {
+        profiler.connect();
+        await profiler.post('Profiler.enable');
+        await profiler.post('Profiler.start');
+        await emulator.profileStart();
+        started = performance.now();
+      }
       const split = await cpuSplit(emulator.pid, scratch.name);
       const summary: KekRotationSummary = await rotation.run({ actor: 'bench', requestId: `bench-kek-${run}` }, { mode: 'manual' });
       const seconds = (performance.now() - started) / 1000;
       const cpu = await split.stop();
+      if (profiler && options.profileDir !== undefined) {
+        const { profile } = await profiler.post('Profiler.stop');
+        profiler.disconnect();
+        fs.mkdirSync(options.profileDir, { recursive: true });
+        fs.writeFileSync(path.join(options.profileDir, `kek-${run}-rotation.cpuprofile`), JSON.stringify(profile));
+        await emulator.profileStop(path.resolve(options.profileDir, `kek-${run}-emulator.cpuprofile`));
+      }
       const transitRewrapRequests = (await emulator.rewrapRequests()) - requestsBefore;
       const { groupKeys, auditKeys } = summary.rewrap;
       if (groupKeys.rewrapped !== options.groups || groupKeys.failed > 0 || groupKeys.remaining > 0) {
@@ -180,4 +217,23 @@ export async function benchKekRewrap(options: { groups: number; runs: number }):
     await scratch.drop();
     await emulator.close();
   }
+}
+
+// Standalone: `npx tsx test/bench/kek-rewrap.ts` (BENCH_KEK_GROUPS, BENCH_RUNS, BENCH_KEK_PROFILE=<dir>):
+// each run's rate, batch sizes and CPU per blob (rotation process, emulator, PostgreSQL backends).
+if (process.argv[1] !== undefined && path.resolve(process.argv[1]) === fileURLToPath(import.meta.url)) {
+  const groups = Number(process.env.BENCH_KEK_GROUPS ?? 10_000);
+  const runs = Number(process.env.BENCH_RUNS ?? 3);
+  const result = await benchKekRewrap({ groups, runs, profileDir: process.env.BENCH_KEK_PROFILE || undefined });
+  const us = (seconds: number, blobs: number) => ((seconds * 1e6) / blobs).toFixed(0);
+  for (const [i, r] of result.runs.entries()) {
+    const sizes = r.groupBatchSizes;
+    process.stdout.write(
+      `run ${i + 1}: ${r.groupBlobs} blobs in ${r.seconds.toFixed(3)} s = ${Math.round(r.blobsPerSecond)} blobs/s; batches ${sizes.length} (min ${Math.min(...sizes)}, max ${Math.max(...sizes)}), ` +
+        `${r.transitRewrapRequests} rewrap requests; CPU µs/blob: rotation ${us(r.cpu.bench, r.groupBlobs)}, emulator ${us(r.cpu.watched, r.groupBlobs)}, ` +
+        `PostgreSQL ${us(r.cpu.postgres, r.groupBlobs)}, rest ${us(r.cpu.rest, r.groupBlobs)}; idle ${(r.cpu.idle / r.cpu.wallSeconds).toFixed(2)} cores\n`,
+    );
+  }
+  const rates = result.runs.map((r) => r.blobsPerSecond).sort((a, b) => a - b);
+  process.stdout.write(`median ${Math.round(rates[Math.floor(rates.length / 2)] as number)} blobs/s over ${rates.length} runs (seeded in ${result.seedSeconds.toFixed(1)} s)\n`);
 }
