@@ -20,7 +20,7 @@ import type { Clock } from '../clock.js';
 import { groupBinding } from '../crypto/binding.js';
 import type { DB, Executor } from '../db/database.js';
 import { ConflictError } from '../http/errors.js';
-import { kekBlobVersion, type KekInfo, type KekProvider } from '../kek/kek.types.js';
+import { kekBlobVersion, type KekInfo, type KekProvider, type RewrapResult } from '../kek/kek.types.js';
 import { lockKekFenceExclusive } from '../keys/kek-fence.repository.js';
 import type { Actor } from '../keys/key.service.js';
 import { tryAcquireLease, type Lease } from './lease.js';
@@ -272,43 +272,78 @@ export function createKekRotationService(deps: {
       summary.rewrap.batches += 1;
     }
 
+    // The group blobs, pipelined in two stages: batch N+1 is read and rewrapped at the provider
+    // while batch N's swaps and audit events commit. Provider calls go one at a time, in key
+    // order (a Vault that fails mid-way has seen only the batches before it); commits go in
+    // order too, each only after the previous one (and its lease renewal and hook) succeeded.
+    // When anything fails, nothing further is committed, and the run returns only once the
+    // batch read or rewrapped ahead has settled (its results are dropped: its rows keep their
+    // old, still readable blobs, and a re-run picks them up).
     let after: { groupId: string; version: number } | undefined;
     let budget = limit;
-    while (budget > 0) {
+    let stopped = false;
+    let providerTurn: Promise<unknown> = Promise.resolve();
+    const settling: Array<Promise<unknown>> = [];
+    const fetchNext = async (): Promise<FetchedBatch | undefined> => {
+      if (stopped || budget <= 0) return undefined;
       const rows = await repo.groupBlobsBelow(db(), target, after, Math.min(batchSize, budget));
       const last = rows.at(-1);
-      if (!last) break;
+      if (!last || stopped) return undefined;
       after = { groupId: last.group_id, version: last.version };
       budget -= rows.length;
-      const results = await kek.rewrapBatch(rows.map((r) => ({ blob: r.wrapped_key, context: groupBinding(r.group_id, r.version, kek.keyName) })));
-      if (results.length !== rows.length) throw new Error('The KEK provider answered a rewrap batch with the wrong number of results');
-      const swaps: Array<{ groupId: string; version: number; oldBlob: string; newBlob: string; kekVersion: number; from: number }> = [];
-      const events: AuditEventInput[] = [];
-      for (const [i, row] of rows.entries()) {
-        const result = checked(results[i], target);
-        const keyId = `group:${row.group_id}`;
-        if (result.ok) {
-          swaps.push({ groupId: row.group_id, version: row.version, oldBlob: row.wrapped_key, newBlob: result.blob, kekVersion: kekBlobVersion(result.blob), from: row.kek_version });
-        } else {
-          summary.rewrap.groupKeys.failed += 1;
-          addFailure(summary, { keyId, version: row.version, kekVersion: row.kek_version, error: result.error });
-          events.push(event(who, { action: 'group.kek_rewrap', outcome: 'failure', keyId, details: { version: row.version, fromKekVersion: row.kek_version, error: result.error } }));
-        }
-      }
-      await db()
-        .transaction()
-        .execute(async (trx) => {
-          const updated = new Set((await repo.replaceGroupBlobs(trx, swaps)).map((r) => `${r.group_id}\u0000${r.version}`));
-          for (const s of swaps) {
-            if (!updated.has(`${s.groupId}\u0000${s.version}`)) continue; // changed meanwhile (rewrapped by another run, destroyed)
-            summary.rewrap.groupKeys.rewrapped += 1;
-            events.push(event(who, { action: 'group.kek_rewrap', outcome: 'success', keyId: `group:${s.groupId}`, details: { version: s.version, fromKekVersion: s.from, toKekVersion: s.kekVersion } }));
+      const items = rows.map((r) => ({ blob: r.wrapped_key, context: groupBinding(r.group_id, r.version, kek.keyName) }));
+      const results = providerTurn.then(() => (stopped ? undefined : kek.rewrapBatch(items)));
+      providerTurn = results.catch(() => {});
+      settling.push(providerTurn);
+      return { rows, results };
+    };
+    const started = (fetching: Promise<FetchedBatch | undefined>) => {
+      settling.push(fetching.catch(() => {}));
+      return fetching;
+    };
+    let next = started(fetchNext());
+    try {
+      for (;;) {
+        const batch = await next;
+        if (!batch) break;
+        next = started(fetchNext()); // read (and queue at the provider) the batch after this one
+        const { rows } = batch;
+        const results = await batch.results;
+        if (!results || results.length !== rows.length) throw new Error('The KEK provider answered a rewrap batch with the wrong number of results');
+        const swaps: repo.GroupBlobSwap[] = [];
+        const from: number[] = [];
+        const events: AuditEventInput[] = [];
+        for (const [i, row] of rows.entries()) {
+          const result = checked(results[i], target);
+          if (result.ok) {
+            swaps.push({ groupId: row.group_id, version: row.version, oldBlob: row.wrapped_key, newBlob: result.blob, kekVersion: kekBlobVersion(result.blob) });
+            from.push(row.kek_version);
+          } else {
+            summary.rewrap.groupKeys.failed += 1;
+            const keyId = `group:${row.group_id}`;
+            addFailure(summary, { keyId, version: row.version, kekVersion: row.kek_version, error: result.error });
+            events.push(event(who, { action: 'group.kek_rewrap', outcome: 'failure', keyId, details: { version: row.version, fromKekVersion: row.kek_version, error: result.error } }));
           }
-          if (events.length > 0) await audit.record(ex(trx), events);
-        });
-      summary.rewrap.batches += 1;
-      await lease?.renew();
-      await deps.hooks?.afterKekBatch?.({ batch: summary.rewrap.batches, rewrapped: summary.rewrap.groupKeys.rewrapped });
+        }
+        await db()
+          .transaction()
+          .execute(async (trx) => {
+            const updated = await repo.replaceGroupBlobs(trx, swaps);
+            for (const [i, s] of swaps.entries()) {
+              if (!updated[i]) continue; // changed meanwhile (rewrapped by another run, destroyed)
+              summary.rewrap.groupKeys.rewrapped += 1;
+              events.push(event(who, { action: 'group.kek_rewrap', outcome: 'success', keyId: `group:${s.groupId}`, details: { version: s.version, fromKekVersion: from[i], toKekVersion: s.kekVersion } }));
+            }
+            if (events.length > 0) await audit.record(ex(trx), events);
+          });
+        summary.rewrap.batches += 1;
+        await lease?.renew();
+        await deps.hooks?.afterKekBatch?.({ batch: summary.rewrap.batches, rewrapped: summary.rewrap.groupKeys.rewrapped });
+      }
+    } finally {
+      stopped = true;
+      // nothing of this run may still be reading or calling the provider once it returns
+      while (settling.length > 0) await Promise.all(settling.splice(0));
     }
     summary.rewrap.groupKeys.remaining = await repo.countGroupBlobsBelow(db(), target);
     summary.rewrap.auditKeys.remaining = (await auditRepo.listKeys(deps.db)).filter((k) => k.kekVersion < target).length;
@@ -394,6 +429,12 @@ function checked(result: { ok: true; blob: string } | { ok: false; error: string
   }
   if (version < target) return { ok: false, error: `the provider rewrapped to KEK version ${version}, below ${target}` };
   return result;
+}
+
+interface FetchedBatch {
+  rows: repo.GroupBlobRow[];
+  /** the provider's answer; undefined when the run stopped before the call was made */
+  results: Promise<RewrapResult[] | undefined>;
 }
 
 function addFailure(summary: KekRotationSummary, failure: RewrapFailure): void {

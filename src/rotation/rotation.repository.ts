@@ -51,23 +51,51 @@ export async function lowestGroupKekVersion(ex: RotationExecutor): Promise<numbe
   return row?.v === null || row?.v === undefined ? undefined : Number(row.v);
 }
 
+export interface GroupBlobSwap {
+  groupId: string;
+  version: number;
+  oldBlob: string;
+  newBlob: string;
+  kekVersion: number;
+}
+
 /**
  * Swap in rewrapped blobs, each only if its row still holds the blob that was rewrapped (a
- * concurrent rewrap or destruction wins). Returns the rows that were updated.
+ * concurrent rewrap or destruction wins). One statement over arrays: five parameters whatever
+ * the batch size, each row found through the primary key (`group_id = any(…)` keeps the planner
+ * on the index when its statistics are stale, instead of hashing the whole table per batch).
+ * Returns, per item in order, whether its row was updated.
  */
-export async function replaceGroupBlobs(
-  ex: RotationExecutor,
-  items: ReadonlyArray<{ groupId: string; version: number; oldBlob: string; newBlob: string; kekVersion: number }>,
-): Promise<Array<{ group_id: string; version: number }>> {
+export async function replaceGroupBlobs(ex: RotationExecutor, items: ReadonlyArray<GroupBlobSwap>): Promise<boolean[]> {
   if (items.length === 0) return [];
-  const values = sql.join(items.map((i) => sql`(${i.groupId}::text, ${i.version}::integer, ${i.oldBlob}::text, ${i.newBlob}::text, ${i.kekVersion}::integer)`));
-  const result = await sql<{ group_id: string; version: number }>`
+  const groupIds = textArray(items.map((i) => i.groupId));
+  const result = await sql<{ i: number }>`
     update group_versions as g
        set wrapped_key = v.new_blob, kek_version = v.kek_version
-      from (values ${values}) as v(group_id, version, old_blob, new_blob, kek_version)
-     where g.group_id = v.group_id and g.version = v.version and g.wrapped_key = v.old_blob
-    returning g.group_id, g.version`.execute(ex);
-  return result.rows;
+      from unnest(${groupIds}::text[], ${intArray(items.map((i) => i.version))}::integer[], ${textArray(items.map((i) => i.oldBlob))}::text[],
+                  ${textArray(items.map((i) => i.newBlob))}::text[], ${intArray(items.map((i) => i.kekVersion))}::integer[])
+           with ordinality as v(group_id, version, old_blob, new_blob, kek_version, i)
+     where g.group_id = any(${groupIds}::text[])
+       and g.group_id = v.group_id and g.version = v.version and g.wrapped_key = v.old_blob
+    returning v.i::integer as i`.execute(ex);
+  const updated = new Array<boolean>(items.length).fill(false);
+  for (const { i } of result.rows) updated[i - 1] = true;
+  return updated;
+}
+
+/** A PostgreSQL array literal of texts, every element quoted (what node-postgres sends for a string[], built in one pass). */
+export function textArray(values: readonly string[]): string {
+  let out = '{';
+  for (let i = 0; i < values.length; i++) {
+    const value = values[i] as string;
+    out += `${i === 0 ? '' : ','}"${/["\\]/.test(value) ? value.replace(/["\\]/g, '\\$&') : value}"`;
+  }
+  return `${out}}`;
+}
+
+function intArray(values: readonly number[]): string {
+  for (const value of values) if (!Number.isSafeInteger(value)) throw new Error('Not an integer');
+  return `{${values.join(',')}}`;
 }
 
 // ---------- KEK versions seen ----------
