@@ -538,7 +538,10 @@ describe('transit emulator', () => {
       expect(Buffer.from((await decrypt(name, again.data.ciphertext, 'row-1')).plaintext, 'base64').toString()).toBe('rewrap me');
     });
 
-    it('when 10,000 blobs are rewrapped in batches of 250, then the emulator keeps well above 5,000 blobs/s', async () => {
+    // CPU time of this process (the emulator and its node-vault client both run here), not wall
+    // time: on the shared 2-core machine other work takes the cores, and a wall-clock rate then
+    // measures the machine (it failed at ~3,800/s under a load average of 9, before and after).
+    it('when 10,000 blobs are rewrapped in batches of 250, then the emulator keeps well above 5,000 blobs per CPU second', async () => {
       const name = keyName();
       await createDerived(name);
       const inputs = Array.from({ length: 10_000 }, (_, i) => ({ plaintext: b64(Buffer.alloc(32, i % 256)), context: b64(`keystrata:v1|group|g-${i}|1|kek|k|1`) }));
@@ -549,6 +552,7 @@ describe('transit emulator', () => {
       }
       await vault.write(`transit/keys/${name}/rotate`, {});
       const started = performance.now();
+      const cpu = process.cpuUsage();
       let rewrapped = 0;
       for (let i = 0; i < blobs.length; i += 250) {
         const { data } = await vault.write(`transit/rewrap/${name}`, {
@@ -556,9 +560,11 @@ describe('transit emulator', () => {
         });
         rewrapped += data.batch_results.filter((r: { key_version?: number }) => r.key_version === 2).length;
       }
+      const used = process.cpuUsage(cpu);
+      const perCpuSecond = rewrapped / ((used.user + used.system) / 1e6);
       const perSecond = rewrapped / ((performance.now() - started) / 1000);
       expect(rewrapped).toBe(10_000);
-      expect(perSecond).toBeGreaterThan(5_000);
+      expect(perCpuSecond, `${Math.round(perCpuSecond)} blobs per CPU second (${Math.round(perSecond)} blobs/s of wall time)`).toBeGreaterThan(5_000);
     });
   });
 

@@ -125,6 +125,12 @@ interface KeyVersion {
   prk?: Buffer; // HKDF-extract of `key`, computed on first derivation
 }
 
+/** A per-request key: the cipher key, and the convergent nonce's HMAC key. */
+interface RequestKey {
+  encKey: Buffer;
+  hmacKey: Buffer | undefined;
+}
+
 interface TransitKey {
   name: string;
   type: KeyType;
@@ -140,7 +146,15 @@ interface TransitKey {
   minEncryptionVersion: number;
   minAvailableVersion: number;
   versions: Map<number, KeyVersion>;
+  /**
+   * Derived keys by version and context, as a server keeps its keyring in memory: a derived key
+   * is a pure function of (version key, context), so this changes no answer, only how often the
+   * HKDF runs. Bounded (oldest entries go first); cleared when versions are trimmed.
+   */
+  derivedKeys: Map<string, RequestKey>;
 }
+
+const MAX_DERIVED_KEYS = 65_536;
 
 /** A user error (400) or an internal one (500), as transit's errutil tells them apart. */
 class TransitError extends Error {
@@ -170,14 +184,31 @@ function hkdfExtract(ikm: Buffer): Buffer {
   return crypto.createHmac('sha256', Buffer.alloc(32)).update(ikm).digest();
 }
 
+const COUNTERS = Array.from({ length: 255 }, (_, i) => Buffer.from([i + 1]));
+
 function hkdfExpand(prk: Buffer, info: Buffer, length: number): Buffer {
   const blocks: Buffer[] = [];
-  let previous = Buffer.alloc(0);
-  for (let i = 1; blocks.length * 32 < length; i++) {
-    previous = crypto.createHmac('sha256', prk).update(previous).update(info).update(Buffer.from([i])).digest();
+  let previous: Buffer | undefined;
+  for (let i = 0; blocks.length * 32 < length; i++) {
+    const hmac = crypto.createHmac('sha256', prk);
+    if (previous) hmac.update(previous);
+    previous = hmac.update(info).update(COUNTERS[i] as Buffer).digest();
     blocks.push(previous);
   }
-  return Buffer.concat(blocks).subarray(0, length);
+  return blocks.length === 1 && length === 32 ? (blocks[0] as Buffer) : Buffer.concat(blocks).subarray(0, length);
+}
+
+/** Random nonces, drawn from the CSPRNG a few thousand at a time (each byte used once). */
+const noncePool = Buffer.alloc(NONCE_BYTES * 4096);
+let noncePoolOffset = noncePool.length;
+function writeRandomNonce(target: Buffer): void {
+  if (noncePoolOffset + NONCE_BYTES > noncePool.length) {
+    crypto.randomFillSync(noncePool);
+    noncePoolOffset = 0;
+  }
+  noncePool.copy(target, 0, noncePoolOffset, noncePoolOffset + NONCE_BYTES);
+  noncePool.fill(0, noncePoolOffset, noncePoolOffset + NONCE_BYTES);
+  noncePoolOffset += NONCE_BYTES;
 }
 
 function cipherName(type: KeyType): crypto.CipherGCMTypes | 'chacha20-poly1305' {
@@ -187,32 +218,46 @@ function cipherName(type: KeyType): crypto.CipherGCMTypes | 'chacha20-poly1305' 
 }
 
 /** The per-request key (and the convergent HMAC key): transit's GetKey / DeriveKey. */
-function requestKey(key: TransitKey, version: number, context: Buffer): { encKey: Buffer; hmacKey: Buffer | undefined } {
+function requestKey(key: TransitKey, version: number, context: Buffer): RequestKey {
   const entry = key.versions.get(version);
   if (!entry || version < key.minDecryptionVersion) throw new TransitError('no such key version');
   if (!key.derived) return { encKey: entry.key, hmacKey: undefined };
   if (context.length === 0) throw new TransitError(MISSING_CONTEXT);
+  const cacheKey = `${version}:${context.toString('latin1')}`;
+  const cached = key.derivedKeys.get(cacheKey);
+  if (cached) return cached;
   const encBytes = keyBytes(key.type, undefined);
   entry.prk ??= hkdfExtract(entry.key);
   const derived = hkdfExpand(entry.prk, context, key.convergent ? encBytes + 32 : encBytes);
-  return { encKey: derived.subarray(0, encBytes), hmacKey: key.convergent ? derived.subarray(encBytes) : undefined };
+  const result: RequestKey = { encKey: derived.subarray(0, encBytes), hmacKey: key.convergent ? derived.subarray(encBytes) : undefined };
+  if (key.derivedKeys.size >= MAX_DERIVED_KEYS) key.derivedKeys.delete(key.derivedKeys.keys().next().value as string);
+  key.derivedKeys.set(cacheKey, result);
+  return result;
 }
 
 function encryptWithKey(key: TransitKey, requestedVersion: number, context: Buffer, plaintextB64: string, aad: Buffer | undefined): { ciphertext: string; version: number } {
   if (!ENCRYPTION_TYPES.has(key.type)) throw new TransitError(`message encryption not supported for key type ${key.type}`);
-  const plaintext = decodeGoBase64(plaintextB64);
+  return encryptBytes(key, requestedVersion, context, decodeGoBase64(plaintextB64), aad);
+}
+
+/** Transit's Policy.Encrypt on decoded plaintext (rewrap hands its decrypted bytes straight over). */
+function encryptBytes(key: TransitKey, requestedVersion: number, context: Buffer, plaintext: Buffer, aad: Buffer | undefined): { ciphertext: string; version: number } {
+  if (!ENCRYPTION_TYPES.has(key.type)) throw new TransitError(`message encryption not supported for key type ${key.type}`);
   let version = requestedVersion;
   if (version === 0) version = key.latestVersion;
   else if (version < 0) throw new TransitError('requested version for encryption is negative');
   else if (version > key.latestVersion) throw new TransitError('requested version for encryption is higher than the latest key version');
   else if (version < key.minEncryptionVersion) throw new TransitError('requested version for encryption is less than the minimum encryption key version');
   const { encKey, hmacKey } = requestKey(key, version, context);
-  const nonce = hmacKey
-    ? crypto.createHmac('sha256', hmacKey).update(plaintext).digest().subarray(0, NONCE_BYTES) // convergent v3
-    : crypto.randomBytes(NONCE_BYTES);
-  const cipher = crypto.createCipheriv(cipherName(key.type) as 'aes-256-gcm', encKey, nonce, { authTagLength: TAG_BYTES });
+  // nonce ‖ ct ‖ tag
+  const body = Buffer.allocUnsafe(NONCE_BYTES + plaintext.length + TAG_BYTES);
+  if (hmacKey) crypto.createHmac('sha256', hmacKey).update(plaintext).digest().copy(body, 0, 0, NONCE_BYTES); // convergent v3
+  else writeRandomNonce(body);
+  const cipher = crypto.createCipheriv(cipherName(key.type) as 'aes-256-gcm', encKey, body.subarray(0, NONCE_BYTES), { authTagLength: TAG_BYTES });
   if (aad) cipher.setAAD(aad);
-  const body = Buffer.concat([nonce, cipher.update(plaintext), cipher.final(), cipher.getAuthTag()]); // nonce ‖ ct ‖ tag
+  let at = NONCE_BYTES + cipher.update(plaintext).copy(body, NONCE_BYTES);
+  at += cipher.final().copy(body, at);
+  cipher.getAuthTag().copy(body, at);
   return { ciphertext: `vault:v${version}:${body.toString('base64')}`, version };
 }
 
@@ -370,7 +415,7 @@ export async function startTransitEmulator(options: TransitEmulatorOptions = {})
       name, type, derived, convergent, keySize,
       exportable: false, allowPlaintextBackup: false, deletionAllowed: false, autoRotatePeriod: 0,
       latestVersion: 0, minDecryptionVersion: 1, minEncryptionVersion: 0, minAvailableVersion: 0,
-      versions: new Map(),
+      versions: new Map(), derivedKeys: new Map(),
     };
     rotateKey(key);
     return key;
@@ -543,6 +588,7 @@ export async function startTransitEmulator(options: TransitEmulatorOptions = {})
     if (v < 0) throw userError('minimum available version cannot be negative');
     if (v === 0) throw userError('minimum available version should be positive');
     for (const version of [...key.versions.keys()]) if (version < v) key.versions.delete(version); // gone for good
+    key.derivedKeys.clear();
     key.minAvailableVersion = v;
     return keyReply(key, ignoredParameters(body, ['min_available_version']));
   }
@@ -802,7 +848,7 @@ export async function startTransitEmulator(options: TransitEmulatorOptions = {})
       try {
         // No associated_data: rewrap cannot authenticate blobs that were encrypted with AAD (reference §6).
         const plaintext = decryptWithKey(key, item.decodedContext, item.ciphertext, undefined);
-        const { ciphertext, version } = encryptWithKey(key, item.keyVersion, item.decodedContext, plaintext.toString('base64'), undefined);
+        const { ciphertext, version } = encryptBytes(key, item.keyVersion, item.decodedContext, plaintext, undefined);
         plaintext.fill(0);
         result.ciphertext = ciphertext;
         result.key_version = version;
