@@ -142,38 +142,47 @@ export function createKeyFetchService(deps: {
 
     const out: Resolved = { keys: [], missing: [] };
     const seen = new Set<string>();
-    for (const item of items) {
-      const miss = (reason: MissingReason) => out.missing.push({ deviceId: item.deviceId, ...(item.field ? { field: item.field } : {}), ...(item.version !== undefined ? { version: item.version } : {}), reason });
-      if (!reachableSet.has(item.deviceId)) {
-        miss('not_found');
-        continue;
+    // unwrapped group keys of this request, one copy per group version however many keys it parents; zeroed below
+    const groupKeys = new Map<string, Buffer>();
+    try {
+      for (const item of items) {
+        const miss = (reason: MissingReason) => out.missing.push({ deviceId: item.deviceId, ...(item.field ? { field: item.field } : {}), ...(item.version !== undefined ? { version: item.version } : {}), reason });
+        if (!reachableSet.has(item.deviceId)) {
+          miss('not_found');
+          continue;
+        }
+        const candidates: readonly VersionRow[] = item.field === undefined ? byDevice.get(item.deviceId) ?? [] : byField.get(`${item.deviceId}/${item.field}`) ?? [];
+        const chosen = chooseVersions(candidates, item.version);
+        if (typeof chosen === 'string') {
+          miss(chosen);
+          continue;
+        }
+        const groupId = devices.get(item.deviceId) as string;
+        for (const row of chosen) {
+          const kid = item.field === undefined ? `${item.deviceId}:v${row.version}` : `${fieldKeyId(item.deviceId, item.field)}:v${row.version}`;
+          if (seen.has(kid)) continue;
+          seen.add(kid);
+          const key = await unwrapRow(groupId, row, byDevice.get(item.deviceId) ?? [], groupVersionOf, groupKeys);
+          out.keys.push({
+            kid,
+            key,
+            meta: {
+              state: row.state,
+              stateChangedAt: row.state_changed_at,
+              stateUntil: row.state_until,
+              version: row.version,
+              deviceId: item.deviceId,
+              ...(item.field !== undefined ? { field: item.field } : {}),
+              createdAt: row.created_at,
+            },
+          });
+        }
       }
-      const candidates: readonly VersionRow[] = item.field === undefined ? byDevice.get(item.deviceId) ?? [] : byField.get(`${item.deviceId}/${item.field}`) ?? [];
-      const chosen = chooseVersions(candidates, item.version);
-      if (typeof chosen === 'string') {
-        miss(chosen);
-        continue;
-      }
-      const groupId = devices.get(item.deviceId) as string;
-      for (const row of chosen) {
-        const kid = item.field === undefined ? `${item.deviceId}:v${row.version}` : `${fieldKeyId(item.deviceId, item.field)}:v${row.version}`;
-        if (seen.has(kid)) continue;
-        seen.add(kid);
-        const key = await unwrapRow(groupId, row, byDevice.get(item.deviceId) ?? [], groupVersionOf);
-        out.keys.push({
-          kid,
-          key,
-          meta: {
-            state: row.state,
-            stateChangedAt: row.state_changed_at,
-            stateUntil: row.state_until,
-            version: row.version,
-            deviceId: item.deviceId,
-            ...(item.field !== undefined ? { field: item.field } : {}),
-            createdAt: row.created_at,
-          },
-        });
-      }
+    } catch (error) {
+      for (const k of out.keys) k.key.fill(0); // nothing is delivered: no unwrapped key is left behind either
+      throw error;
+    } finally {
+      for (const key of groupKeys.values()) key.fill(0);
     }
     return out;
   }
@@ -183,22 +192,24 @@ export function createKeyFetchService(deps: {
     row: VersionRow,
     deviceRows: readonly fetchRepo.DeviceVersionForFetch[],
     groupVersionOf: Map<string, { wrapped_key: string | null }>,
+    groupKeys: Map<string, Buffer>,
   ): Promise<Buffer> {
     const deviceRow = 'field' in row ? deviceRows.find((d) => d.version === row.parent_version) : row;
     if (!deviceRow) throw new ConflictError(`Parent version ${row.parent_version} of a field key is missing`, 'parent_missing');
     const groupVersion = deviceRow.parent_version;
-    const groupKey = material.cache.get('group', groupId, groupVersion) ?? (await unwrapGroup(groupId, groupVersion, groupVersionOf));
-    const groupRow = { version: groupVersion };
+    const groupKeyId = `${groupId}\u0000${groupVersion}`;
+    let groupKey = groupKeys.get(groupKeyId);
+    if (!groupKey) {
+      groupKey = material.cache.get('group', groupId, groupVersion) ?? (await unwrapGroup(groupId, groupVersion, groupVersionOf));
+      groupKeys.set(groupKeyId, groupKey);
+    }
+    const isLeaf = !('field' in row);
+    const deviceKey = material.deviceKey(groupKey, groupId, groupVersion, deviceRow.device_id, deviceRow.version, deviceRow.wrapped_key, { cacheAsParent: !isLeaf });
+    if (isLeaf) return deviceKey;
     try {
-      const deviceKey = material.deviceKey(groupKey, groupId, groupRow.version, deviceRow.device_id, deviceRow.version, deviceRow.wrapped_key);
-      if (!('field' in row)) return deviceKey;
-      try {
-        return material.fieldKey(deviceKey, row.device_id, row.parent_version, row.field, row.version, row.wrapped_key);
-      } finally {
-        deviceKey.fill(0);
-      }
+      return material.fieldKey(deviceKey, row.device_id, row.parent_version, row.field, row.version, row.wrapped_key);
     } finally {
-      groupKey.fill(0);
+      deviceKey.fill(0);
     }
   }
 

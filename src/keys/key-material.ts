@@ -28,7 +28,12 @@ export interface KeyMaterial {
    * end in one buffer. The plaintext keys are zeroed before this returns.
    */
   newDeviceKeys(groupKey: Buffer, groupId: string, groupVersion: number, deviceIds: readonly string[], version: number): Buffer;
-  deviceKey(groupKey: Buffer, groupId: string, groupVersion: number, deviceId: string, version: number, wrapped: Buffer | null): Buffer;
+  /**
+   * A device DEK, unwrapped (or from the parent cache). `cacheAsParent: false` when it is the
+   * leaf being delivered and not the parent of field keys: caching every device a bulk fetch
+   * delivers only churns the cache (issue 7).
+   */
+  deviceKey(groupKey: Buffer, groupId: string, groupVersion: number, deviceId: string, version: number, wrapped: Buffer | null, options?: { cacheAsParent?: boolean }): Buffer;
   newFieldKey(deviceKey: Buffer, deviceId: string, deviceVersion: number, field: string, version: number): { wrapped: Buffer; key: Buffer };
   fieldKey(deviceKey: Buffer, deviceId: string, deviceVersion: number, field: string, version: number, wrapped: Buffer | null): Buffer;
   readonly cache: KeyCache;
@@ -107,7 +112,7 @@ export function createKeyMaterial(deps: { kek: KekProvider; cache: KeyCache; onU
       return wrapNewKeys(groupKey, deviceIds.length, (i) => deviceBinding(deviceIds[i] as string, version, groupId, groupVersion));
     },
 
-    deviceKey(groupKey, groupId, groupVersion, deviceId, version, wrapped) {
+    deviceKey(groupKey, groupId, groupVersion, deviceId, version, wrapped, options) {
       const cached = cache.get('device', deviceId, version);
       if (cached) return cached;
       if (wrapped === null) return failed(`device:${deviceId}`, version);
@@ -118,7 +123,7 @@ export function createKeyMaterial(deps: { kek: KekProvider; cache: KeyCache; onU
         if (error instanceof UnwrapError) failed(`device:${deviceId}`, version);
         throw error;
       }
-      cache.set('device', deviceId, version, key);
+      if (options?.cacheAsParent !== false) cache.set('device', deviceId, version, key);
       return key;
     },
 

@@ -1,3 +1,5 @@
+import crypto from 'node:crypto';
+import fc from 'fast-check';
 import { describe, expect, it } from 'vitest';
 import { compactDecrypt, decodeProtectedHeader, exportJWK, generateKeyPair } from 'jose';
 import { encryptKeySet, importDeliveryKey, parseDeliveryJwk } from '../../src/crypto/jwe.js';
@@ -24,6 +26,24 @@ describe('JWE key delivery', () => {
       ]);
     });
   }
+
+  it('when key metadata holds any strings, numbers or nulls, then the decrypted JWK Set is exactly the metadata plus kty, alg, kid and k', async () => {
+    const { publicKey, privateKey } = await generateKeyPair('ECDH-ES+A256KW', { crv: 'X25519', extractable: true });
+    const { jwk, kid: deliveryKid } = await parseDeliveryJwk((await exportJWK(publicKey)) as Record<string, unknown>);
+    const deliveryKey = await importDeliveryKey(jwk);
+    const metaValue = fc.oneof(fc.string({ unit: 'binary' }), fc.integer(), fc.double(), fc.constant(null));
+    await fc.assert(
+      fc.asyncProperty(fc.array(fc.record({ kid: fc.string({ unit: 'binary' }), meta: fc.dictionary(fc.string({ unit: 'binary' }), metaValue) }), { maxLength: 5 }), async (items) => {
+        const keys = items.map((item) => ({ kid: item.kid, key: crypto.randomBytes(32), meta: item.meta as Record<string, unknown> }));
+        // what the JWK Set must equal: the spread it replaces, through a JSON round trip (NaN → null, -0 → 0)
+        const expected = JSON.parse(JSON.stringify({ keys: keys.map((k) => ({ ...k.meta, kty: 'oct', alg: 'A256GCM', kid: k.kid, k: k.key.toString('base64url') })) }));
+        const jwe = await encryptKeySet(deliveryKey, deliveryKid, keys);
+        const { plaintext } = await compactDecrypt(jwe, privateKey);
+        expect(JSON.parse(new TextDecoder().decode(plaintext))).toEqual(expected);
+      }),
+      { numRuns: 150 },
+    );
+  });
 
   it('when the same keys are delivered twice, then each JWE uses a fresh ephemeral key', async () => {
     const { publicKey } = await generateKeyPair('ECDH-ES+A256KW', { crv: 'X25519', extractable: true });
