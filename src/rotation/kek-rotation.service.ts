@@ -34,6 +34,8 @@ export const DEFAULT_KEK_BATCH = 500;
 export const MIN_KEK_BATCH = 250;
 export const KEK_LEASE = 'kek-rotation';
 const LEASE_MS = 10 * 60 * 1000;
+/** the rewrap renews its lease when this long has passed since the last renewal (a 20th of the lease) */
+const LEASE_RENEW_MS = LEASE_MS / 20;
 const MAX_LISTED_FAILURES = 100;
 
 export interface KekRotationOptions {
@@ -272,19 +274,20 @@ export function createKekRotationService(deps: {
       summary.rewrap.batches += 1;
     }
 
-    // The group blobs, pipelined in two stages: batch N+1 is read and rewrapped at the provider
-    // while batch N's swaps and audit events commit. Provider calls go one at a time, in key
-    // order (a Vault that fails mid-way has seen only the batches before it); commits go in
-    // order too, each only after the previous one (and its lease renewal and hook) succeeded.
-    // When anything fails, nothing further is committed, and the run returns only once the
-    // batch read or rewrapped ahead has settled (its results are dropped: its rows keep their
+    // The group blobs, pipelined in two stages: batch N+1 is read, rewrapped at the provider and
+    // checked (its swap and audit events prepared) while batch N's swaps and audit events
+    // commit, so the commit stage (the slower one) is the only thing on the critical path. Provider
+    // calls go one at a time, in key order (a Vault that fails mid-way has seen only the batches
+    // before it); commits go in order too, each only after the previous one (and its hook)
+    // succeeded. When anything fails, nothing further is committed, and the run returns only once
+    // the batch read or rewrapped ahead has settled (its results are dropped: its rows keep their
     // old, still readable blobs, and a re-run picks them up).
     let after: { groupId: string; version: number } | undefined;
     let budget = limit;
     let stopped = false;
     let providerTurn: Promise<unknown> = Promise.resolve();
     const settling: Array<Promise<unknown>> = [];
-    const fetchNext = async (): Promise<FetchedBatch | undefined> => {
+    const fetchNext = async (): Promise<Promise<PreparedBatch | undefined> | undefined> => {
       if (stopped || budget <= 0) return undefined;
       const rows = await repo.groupBlobsBelow(db(), target, after, Math.min(batchSize, budget));
       const last = rows.at(-1);
@@ -292,52 +295,51 @@ export function createKekRotationService(deps: {
       after = { groupId: last.group_id, version: last.version };
       budget -= rows.length;
       const items = rows.map((r) => ({ blob: r.wrapped_key, context: groupBinding(r.group_id, r.version, kek.keyName) }));
-      const results = providerTurn.then(() => (stopped ? undefined : kek.rewrapBatch(items)));
-      providerTurn = results.catch(() => {});
+      const prepared = providerTurn.then(async () => (stopped ? undefined : prepareBatch(who, rows, await kek.rewrapBatch(items), target)));
+      providerTurn = prepared.catch(() => {});
       settling.push(providerTurn);
-      return { rows, results };
+      return prepared;
     };
-    const started = (fetching: Promise<FetchedBatch | undefined>) => {
+    const started = (fetching: Promise<Promise<PreparedBatch | undefined> | undefined>) => {
       settling.push(fetching.catch(() => {}));
       return fetching;
+    };
+    // The lease lasts LEASE_MS; renewing it every LEASE_RENEW_MS (by either clock) is plenty and
+    // keeps a round trip per batch off the critical path.
+    let renewedAt = { clock: clock.now().getTime(), monotonic: performance.now() };
+    const renewIfDue = async () => {
+      if (!lease) return;
+      const now = { clock: clock.now().getTime(), monotonic: performance.now() };
+      if (now.clock - renewedAt.clock < LEASE_RENEW_MS && now.monotonic - renewedAt.monotonic < LEASE_RENEW_MS) return;
+      await lease.renew();
+      renewedAt = now;
     };
     let next = started(fetchNext());
     try {
       for (;;) {
-        const batch = await next;
-        if (!batch) break;
+        const fetched = await next;
+        if (!fetched) break;
         next = started(fetchNext()); // read (and queue at the provider) the batch after this one
-        const { rows } = batch;
-        const results = await batch.results;
-        if (!results || results.length !== rows.length) throw new Error('The KEK provider answered a rewrap batch with the wrong number of results');
-        const swaps: repo.GroupBlobSwap[] = [];
-        const from: number[] = [];
-        const events: AuditEventInput[] = [];
-        for (const [i, row] of rows.entries()) {
-          const result = checked(results[i], target);
-          if (result.ok) {
-            swaps.push({ groupId: row.group_id, version: row.version, oldBlob: row.wrapped_key, newBlob: result.blob, kekVersion: kekBlobVersion(result.blob) });
-            from.push(row.kek_version);
-          } else {
-            summary.rewrap.groupKeys.failed += 1;
-            const keyId = `group:${row.group_id}`;
-            addFailure(summary, { keyId, version: row.version, kekVersion: row.kek_version, error: result.error });
-            events.push(event(who, { action: 'group.kek_rewrap', outcome: 'failure', keyId, details: { version: row.version, fromKekVersion: row.kek_version, error: result.error } }));
-          }
+        const batch = await fetched;
+        if (!batch) break; // stopped (cannot happen while this loop runs)
+        for (const failure of batch.failures) {
+          summary.rewrap.groupKeys.failed += 1;
+          addFailure(summary, failure);
         }
         await db()
           .transaction()
           .execute(async (trx) => {
-            const updated = await repo.replaceGroupBlobs(trx, swaps);
-            for (const [i, s] of swaps.entries()) {
+            const updated = await repo.replaceGroupBlobs(trx, batch.swaps);
+            const events = [...batch.failureEvents];
+            for (const [i, success] of batch.successEvents.entries()) {
               if (!updated[i]) continue; // changed meanwhile (rewrapped by another run, destroyed)
               summary.rewrap.groupKeys.rewrapped += 1;
-              events.push(event(who, { action: 'group.kek_rewrap', outcome: 'success', keyId: `group:${s.groupId}`, details: { version: s.version, fromKekVersion: from[i], toKekVersion: s.kekVersion } }));
+              events.push(success);
             }
             if (events.length > 0) await audit.record(ex(trx), events);
           });
         summary.rewrap.batches += 1;
-        await lease?.renew();
+        await renewIfDue();
         await deps.hooks?.afterKekBatch?.({ batch: summary.rewrap.batches, rewrapped: summary.rewrap.groupKeys.rewrapped });
       }
     } finally {
@@ -431,10 +433,48 @@ function checked(result: { ok: true; blob: string } | { ok: false; error: string
   return result;
 }
 
-interface FetchedBatch {
-  rows: repo.GroupBlobRow[];
-  /** the provider's answer; undefined when the run stopped before the call was made */
-  results: Promise<RewrapResult[] | undefined>;
+/** A rewrapped batch, every item checked: the swap to run, and the audit events it will commit with. */
+interface PreparedBatch {
+  swaps: repo.PreparedGroupBlobSwaps;
+  /** one per swap, in order: recorded only if that row was swapped */
+  successEvents: AuditEventInput[];
+  failureEvents: AuditEventInput[];
+  failures: RewrapFailure[];
+}
+
+function prepareBatch(who: Actor, rows: readonly repo.GroupBlobRow[], results: readonly RewrapResult[], target: number): PreparedBatch {
+  if (results.length !== rows.length) throw new Error('The KEK provider answered a rewrap batch with the wrong number of results');
+  const swaps: repo.GroupBlobSwap[] = [];
+  const successEvents: AuditEventInput[] = [];
+  const failureEvents: AuditEventInput[] = [];
+  const failures: RewrapFailure[] = [];
+  for (const [i, row] of rows.entries()) {
+    const result = checked(results[i], target);
+    const keyId = `group:${row.group_id}`;
+    if (result.ok) {
+      const kekVersion = kekBlobVersion(result.blob);
+      swaps.push({ groupId: row.group_id, version: row.version, oldBlob: row.wrapped_key, newBlob: result.blob, kekVersion });
+      successEvents.push({
+        action: 'group.kek_rewrap',
+        outcome: 'success',
+        keyId,
+        details: { version: row.version, fromKekVersion: row.kek_version, toKekVersion: kekVersion },
+        actor: who.actor,
+        requestId: who.requestId,
+      });
+    } else {
+      failures.push({ keyId, version: row.version, kekVersion: row.kek_version, error: result.error });
+      failureEvents.push({
+        action: 'group.kek_rewrap',
+        outcome: 'failure',
+        keyId,
+        details: { version: row.version, fromKekVersion: row.kek_version, error: result.error },
+        actor: who.actor,
+        requestId: who.requestId,
+      });
+    }
+  }
+  return { swaps: repo.prepareGroupBlobSwaps(swaps), successEvents, failureEvents, failures };
 }
 
 function addFailure(summary: KekRotationSummary, failure: RewrapFailure): void {

@@ -59,6 +59,27 @@ export interface GroupBlobSwap {
   kekVersion: number;
 }
 
+/** Swaps as the statement takes them: one array literal per column, built ahead of the transaction. */
+export interface PreparedGroupBlobSwaps {
+  readonly count: number;
+  readonly groupIds: string;
+  readonly versions: string;
+  readonly oldBlobs: string;
+  readonly newBlobs: string;
+  readonly kekVersions: string;
+}
+
+export function prepareGroupBlobSwaps(items: ReadonlyArray<GroupBlobSwap>): PreparedGroupBlobSwaps {
+  return {
+    count: items.length,
+    groupIds: textArray(items.map((i) => i.groupId)),
+    versions: intArray(items.map((i) => i.version)),
+    oldBlobs: textArray(items.map((i) => i.oldBlob)),
+    newBlobs: textArray(items.map((i) => i.newBlob)),
+    kekVersions: intArray(items.map((i) => i.kekVersion)),
+  };
+}
+
 /**
  * Swap in rewrapped blobs, each only if its row still holds the blob that was rewrapped (a
  * concurrent rewrap or destruction wins). One statement over arrays: five parameters whatever
@@ -66,19 +87,18 @@ export interface GroupBlobSwap {
  * on the index when its statistics are stale, instead of hashing the whole table per batch).
  * Returns, per item in order, whether its row was updated.
  */
-export async function replaceGroupBlobs(ex: RotationExecutor, items: ReadonlyArray<GroupBlobSwap>): Promise<boolean[]> {
-  if (items.length === 0) return [];
-  const groupIds = textArray(items.map((i) => i.groupId));
+export async function replaceGroupBlobs(ex: RotationExecutor, items: ReadonlyArray<GroupBlobSwap> | PreparedGroupBlobSwaps): Promise<boolean[]> {
+  const swaps = 'count' in items ? items : prepareGroupBlobSwaps(items);
+  if (swaps.count === 0) return [];
   const result = await sql<{ i: number }>`
     update group_versions as g
        set wrapped_key = v.new_blob, kek_version = v.kek_version
-      from unnest(${groupIds}::text[], ${intArray(items.map((i) => i.version))}::integer[], ${textArray(items.map((i) => i.oldBlob))}::text[],
-                  ${textArray(items.map((i) => i.newBlob))}::text[], ${intArray(items.map((i) => i.kekVersion))}::integer[])
+      from unnest(${swaps.groupIds}::text[], ${swaps.versions}::integer[], ${swaps.oldBlobs}::text[], ${swaps.newBlobs}::text[], ${swaps.kekVersions}::integer[])
            with ordinality as v(group_id, version, old_blob, new_blob, kek_version, i)
-     where g.group_id = any(${groupIds}::text[])
+     where g.group_id = any(${swaps.groupIds}::text[])
        and g.group_id = v.group_id and g.version = v.version and g.wrapped_key = v.old_blob
     returning v.i::integer as i`.execute(ex);
-  const updated = new Array<boolean>(items.length).fill(false);
+  const updated = new Array<boolean>(swaps.count).fill(false);
   for (const { i } of result.rows) updated[i - 1] = true;
   return updated;
 }
