@@ -346,7 +346,7 @@ async function figureSingle(server: Server, fleet: Fleet, bareRps: number | unde
   measured(`2a${label.suffix}`, `single key fetch${label.suffix ? ` (LOG_LEVEL=${label.logLevel})` : ''}`, rps, 'req/s', { op: '>=', threshold: 5_000 }, {
     runs: runs.map((r) => r.rps),
     cpuUsPerKey: cpu,
-    notes: `GET /v1/devices/{id}/keys, ${S.connections} connections, ${S.singleSeconds} s per run, a different device per request (${ids.length.toLocaleString('en-US')} devices rotated through, ${next.toLocaleString('en-US')} requests incl. warm-up); server LOG_LEVEL=${label.logLevel}; ${describeCpu(sumCpu(runs.map((r) => r.cpu)))}${serverRss(server)}`,
+    notes: `GET /v1/devices/{id}/keys, ${S.connections} connections, ${S.singleSeconds} s per run, a different device per request (${ids.length.toLocaleString('en-US')} devices rotated through, ${next.toLocaleString('en-US')} requests incl. warm-up); server LOG_LEVEL=${label.logLevel}, KEYSTRATA_WORKERS=${S.workers}; ${describeCpu(sumCpu(runs.map((r) => r.cpu)))}${serverRss(server)}`,
   });
   measured(`2b${label.suffix}`, `single key fetch p99${label.suffix ? ` (LOG_LEVEL=${label.logLevel})` : ''}`, median(runs.map((r) => r.p99)), 'ms', { op: '<=', threshold: 25 }, {
     runs: runs.map((r) => r.p99),
@@ -406,7 +406,7 @@ async function figureBulkFetch(server: Server, fleet: Fleet): Promise<number> {
   measured('3', 'bulk fetch, 1,000 keys per request', median(runs.map((r) => r.rps * keysPerAnswer)), 'keys/s', { op: '>=', threshold: 100_000 }, {
     runs: runs.map((r) => r.rps * keysPerAnswer),
     cpuUsPerKey: median(runs.map((r) => ((r.cpuSeconds ?? 0) * 1e6) / (r.ok * keysPerAnswer))),
-    notes: `POST /v1/keys/fetch, ${S.bulkConnections} connections, ${S.bulkSeconds} s per run, distinct devices per request; ${format(median(runs.map((r) => r.rps)))} req/s, p99 ${format(median(runs.map((r) => r.p99)))} ms; ${describeCpu(sumCpu(runs.map((r) => r.cpu)))}${serverRss(server)}`,
+    notes: `POST /v1/keys/fetch, ${S.bulkConnections} connections, ${S.bulkSeconds} s per run, distinct devices per request; KEYSTRATA_WORKERS=${S.workers}; ${format(median(runs.map((r) => r.rps)))} req/s, p99 ${format(median(runs.map((r) => r.p99)))} ms; ${describeCpu(sumCpu(runs.map((r) => r.cpu)))}${serverRss(server)}`,
   });  return measuredFrom;
 }
 
@@ -601,7 +601,7 @@ async function main(): Promise<void> {
   const postgres = await checkPostgres().catch((error: unknown) => {
     throw new Error(`PostgreSQL is not reachable at ${ADMIN_URL.replace(/\/\/[^@]*@/, '//…@')} (set BENCH_DATABASE_URL): ${error instanceof Error ? error.message : String(error)}`);
   });
-  process.stdout.write(`database: ${postgres}; server LOG_LEVEL=${S.logLevel}, RATE_LIMIT_ENABLED=false (the limits would cap the load generator)\n\n`);
+  process.stdout.write(`database: ${postgres}; server LOG_LEVEL=${S.logLevel}, KEYSTRATA_WORKERS=${S.workers} (BENCH_WORKERS), RATE_LIMIT_ENABLED=false (the limits would cap the load generator)\n\n`);
 
   const errors: string[] = [];
   const attempt = async (name: string, fn: () => Promise<void>) => {
