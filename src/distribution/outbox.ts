@@ -32,12 +32,12 @@
  * same version (pending → primary, grace → primary after a rollback, → disabled) carries no
  * key: the device has it, and re-sending it under another key would only widen who can read it.
  */
-import type { Kysely, Transaction } from 'kysely';
+import { sql, type Kysely, type Transaction } from 'kysely';
 import type { DB } from '../db/database.js';
 import type { VersionState } from '../db/tables.js';
 import { ConflictError } from '../http/errors.js';
 import * as repo from './distribution.repository.js';
-import { distributionDb, type KeyKind } from './distribution.tables.js';
+import type { KeyKind } from './distribution.tables.js';
 
 export interface KeyUpdate {
   deviceId: string;
@@ -75,30 +75,38 @@ export async function enqueueKeyUpdates(trx: Transaction<DB> | Kysely<DB>, updat
   for (const u of updates) {
     if (u.kind === 'field' ? !u.field : u.field !== undefined) throw new Error('enqueueKeyUpdate: a field key update needs its field, a device DEK update has none');
   }
-  const ex = distributionDb(trx);
   const fieldOf = (u: KeyUpdate) => (u.kind === 'field' ? (u.field as string) : '');
   const keyOf = (deviceId: string, kind: KeyKind, field: string, version: number) => `${deviceId}\u0000${kind}\u0000${field}\u0000${version}`;
   const deviceIds = [...new Set(updates.map((u) => u.deviceId))].sort();
 
-  const locked = new Set(await repo.lockDevices(ex, deviceIds));
+  // three statements whatever the number of updates, each with a handful of array parameters
+  // (a chunk of a rollout wave is thousands of updates: lists of literals cost the server more
+  // to parse and plan than the lookups themselves). The lock is its own statement: the reads
+  // after it must see what a transaction we waited for committed (a new snapshot).
+  const locked = new Set(await lockDeviceRows(trx, deviceIds));
   const missing = deviceIds.find((id) => !locked.has(id));
   if (missing !== undefined) throw new Error(`enqueueKeyUpdate: device ${missing} does not exist`);
 
-  const deviceVersions = await repo.listDeviceVersionStatesOf(ex, deviceIds);
   const fieldUpdates = updates.filter((u) => u.kind === 'field');
-  const fieldVersions = await repo.listFieldVersionStatesOf(ex, [...new Set(fieldUpdates.map((u) => u.deviceId))], [...new Set(fieldUpdates.map(fieldOf))]);
-  const queued = await repo.listQueuedKeys(ex, deviceIds, [...new Set(updates.map((u) => u.version))]);
+  const state = await readEnqueueState(trx, {
+    deviceIds,
+    fieldDeviceIds: [...new Set(fieldUpdates.map((u) => u.deviceId))],
+    fields: [...new Set(fieldUpdates.map(fieldOf))],
+    versions: [...new Set(updates.map((u) => u.version))],
+  });
 
   const versionsByDevice = new Map<string, repo.VersionMaterialState[]>();
   const subjects = new Map<string, repo.VersionMaterialState>();
-  for (const v of deviceVersions) {
+  for (const v of state.deviceVersions) {
     const list = versionsByDevice.get(v.device_id);
     if (list) list.push(v);
     else versionsByDevice.set(v.device_id, [v]);
     subjects.set(keyOf(v.device_id, 'device', '', v.version), v);
   }
-  for (const v of fieldVersions) subjects.set(keyOf(v.device_id, 'field', v.field, v.version), v);
-  const alreadyQueued = new Set(queued.map((q) => keyOf(q.device_id, q.kind, q.field, q.version)));
+  // newest first per device (decide's preference order)
+  for (const list of versionsByDevice.values()) if (list.length > 1) list.sort((a, b) => b.version - a.version);
+  for (const v of state.fieldVersions) subjects.set(keyOf(v.device_id, 'field', v.field, v.version), v);
+  const alreadyQueued = new Set(state.queued.map((q) => keyOf(q.device_id, q.kind, q.field, q.version)));
 
   const rows: repo.NewOutboxRow[] = updates.map((update) => {
     const field = fieldOf(update);
@@ -118,8 +126,68 @@ export async function enqueueKeyUpdates(trx: Transaction<DB> | Kysely<DB>, updat
       with_key: withKey,
     };
   });
-  const ids = await repo.insertOutboxRows(ex, rows);
+  const ids = await insertRows(trx, rows);
   return rows.map((row, i) => ({ id: ids[i] as number, wrappedBy: row.wrapped_by, withKey: row.with_key }));
+}
+
+// ---------- the SQL of enqueueKeyUpdates ----------
+
+/**
+ * Lock the device rows (in id order) against other enqueuers until commit, so each device's
+ * outbox ids follow commit order. FOR NO KEY UPDATE: it does not conflict with the KEY SHARE a
+ * foreign-key check takes (a field key insert), so two such transactions cannot deadlock on it;
+ * a caller already holding FOR UPDATE (the lifecycle service, a rollout chunk) passes straight
+ * through. Returns the ids found. `ids` sorted.
+ */
+async function lockDeviceRows(ex: Transaction<DB> | Kysely<DB>, ids: readonly string[]): Promise<string[]> {
+  const { rows } = await sql<{ id: string }>`select id from devices where id = any(${ids}::text[]) order by id for no key update`.execute(ex);
+  return rows.map((r) => r.id);
+}
+
+interface EnqueueState {
+  /** device DEK versions of the devices (any order) */
+  deviceVersions: repo.VersionMaterialState[];
+  fieldVersions: repo.VersionMaterialState[];
+  /** keys already queued (or sent) to these devices in an earlier message, among these versions */
+  queued: Array<{ device_id: string; kind: KeyKind; field: string; version: number }>;
+}
+
+/** What the rules need, as of this transaction, in one round trip. */
+async function readEnqueueState(
+  ex: Transaction<DB> | Kysely<DB>,
+  q: { deviceIds: readonly string[]; fieldDeviceIds: readonly string[]; fields: readonly string[]; versions: readonly number[] },
+): Promise<EnqueueState> {
+  const { rows } = await sql<{ src: 'd' | 'f' | 'q'; device_id: string; kind: KeyKind; field: string; version: number; state: VersionState | null; has_material: boolean | null }>`
+    select 'd' as src, device_id, 'device' as kind, '' as field, version, state, wrapped_key is not null as has_material
+      from device_versions where device_id = any(${q.deviceIds}::text[])
+    union all
+    select 'f', device_id, 'field', field, version, state, wrapped_key is not null
+      from field_versions where device_id = any(${q.fieldDeviceIds}::text[]) and field = any(${q.fields}::text[])
+    union all
+    select distinct 'q', device_id, kind, field, version, null::text, null::boolean
+      from key_outbox
+     where device_id = any(${q.deviceIds}::text[]) and version = any(${q.versions}::int[]) and with_key and status <> 'dropped'`.execute(ex);
+  const out: EnqueueState = { deviceVersions: [], fieldVersions: [], queued: [] };
+  for (const r of rows) {
+    if (r.src === 'q') out.queued.push({ device_id: r.device_id, kind: r.kind, field: r.field, version: r.version });
+    else (r.src === 'd' ? out.deviceVersions : out.fieldVersions).push({ device_id: r.device_id, field: r.field, version: r.version, state: r.state as VersionState, has_material: r.has_material === true });
+  }
+  return out;
+}
+
+/** Insert rows in the given order (ids ascend in that order, one statement); returns their ids, in order. */
+async function insertRows(ex: Transaction<DB> | Kysely<DB>, rows: readonly repo.NewOutboxRow[]): Promise<number[]> {
+  const { rows: inserted } = await sql<{ id: number | string }>`
+    insert into key_outbox (device_id, kind, field, version, state, not_before, wrapped_by, with_key)
+    select u.device_id, u.kind, u.field, u.version, u.state, u.not_before, u.wrapped_by, u.with_key
+      from unnest(${rows.map((r) => r.device_id)}::text[], ${rows.map((r) => r.kind)}::text[], ${rows.map((r) => r.field)}::text[],
+                  ${rows.map((r) => r.version)}::int[], ${rows.map((r) => r.state)}::text[], ${rows.map((r) => r.not_before)}::timestamptz[],
+                  ${rows.map((r) => r.wrapped_by)}::int[], ${rows.map((r) => r.with_key)}::boolean[])
+           with ordinality as u(device_id, kind, field, version, state, not_before, wrapped_by, with_key, ord)
+     order by u.ord
+    returning id`.execute(ex);
+  // the serial values are taken in the order rows reach the insert (the ORDER BY); sorting makes that explicit
+  return inserted.map((r) => Number(r.id)).sort((a, b) => a - b);
 }
 
 /**

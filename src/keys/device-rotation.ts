@@ -9,9 +9,10 @@
  * Every plaintext key a plan touches is handed to `keep`, which the caller zeroes once the
  * transaction is over.
  */
+import crypto from 'node:crypto';
 import type { AuditEventInput } from '../audit/audit.types.js';
-import { wrapKey } from '../crypto/aead.js';
-import { fieldBinding, fieldKeyId } from '../crypto/binding.js';
+import { KEY_BYTES, unwrapKey, wrapKey } from '../crypto/aead.js';
+import { deviceBinding, fieldBinding, fieldKeyId } from '../crypto/binding.js';
 import type { VersionState } from '../db/tables.js';
 import { ConflictError } from '../http/errors.js';
 import type { KeyMaterial } from './key-material.js';
@@ -145,6 +146,63 @@ function previousPrimary(what: (version: number) => string, rows: readonly Devic
   const to = options.compromised ? 'disabled' : 'grace';
   assertTransition(what(old.version), 'primary', to);
   return { version: old.version, to, stateUntil: to === 'grace' ? options.graceUntil : null };
+}
+
+// the blob layout of crypto/aead.ts wrapKey: nonce (12) ‖ ciphertext (32) ‖ tag (16)
+const NONCE_BYTES = 12;
+const TAG_BYTES = 16;
+
+export interface DeviceKeyBatch extends Pick<KeyMaterial, 'newDeviceKey'> {
+  /** zero every key the batch handed out (and the unused rest); call once the transaction is over */
+  zero(): void;
+}
+
+/**
+ * `newDeviceKey` for up to `count` rotations under one group key (a rollout chunk): the same
+ * AES-256-GCM wrap as crypto/aead.ts (fresh 256-bit key, fresh random 96-bit nonce per blob,
+ * the row's binding string as AAD, `nonce ‖ ciphertext ‖ tag`), but the keys and nonces of the
+ * whole batch come from ONE CSPRNG call and each blob is one allocation (per device, two
+ * randomBytes calls and two Buffer.concat less: about half the CPU of generate + wrap). The
+ * keys handed out are views of the batch's buffer: `zero()` wipes them all. Past `count`, or
+ * under another group key, it falls back to `material.newDeviceKey`. The first blob of a batch
+ * is unwrapped with crypto/aead.ts as a check that the layout still matches.
+ */
+export function deviceKeyBatch(count: number, material: Pick<KeyMaterial, 'newDeviceKey'>): DeviceKeyBatch {
+  const stride = KEY_BYTES + NONCE_BYTES;
+  const random = crypto.randomFillSync(Buffer.allocUnsafeSlow(Math.max(1, count) * stride));
+  let next = 0;
+  let checked = false;
+  return {
+    newDeviceKey(groupKey, groupId, groupVersion, deviceId, version) {
+      if (next >= count || groupKey.length !== KEY_BYTES) return material.newDeviceKey(groupKey, groupId, groupVersion, deviceId, version);
+      const at = next * stride;
+      next += 1;
+      const key = random.subarray(at, at + KEY_BYTES);
+      const nonce = random.subarray(at + KEY_BYTES, at + stride);
+      const aad = deviceBinding(deviceId, version, groupId, groupVersion);
+      const cipher = crypto.createCipheriv('aes-256-gcm', groupKey, nonce, { authTagLength: TAG_BYTES });
+      cipher.setAAD(Buffer.from(aad, 'utf8'));
+      const ciphertext = cipher.update(key);
+      cipher.final();
+      if (ciphertext.length !== KEY_BYTES) throw new Error('AES-GCM returned an unexpected ciphertext length');
+      const wrapped = Buffer.allocUnsafe(NONCE_BYTES + KEY_BYTES + TAG_BYTES);
+      wrapped.set(nonce, 0);
+      wrapped.set(ciphertext, NONCE_BYTES);
+      wrapped.set(cipher.getAuthTag(), NONCE_BYTES + KEY_BYTES);
+      ciphertext.fill(0);
+      if (!checked) {
+        const back = unwrapKey(groupKey, wrapped, aad);
+        const same = back.equals(key);
+        back.fill(0);
+        if (!same) throw new Error('deviceKeyBatch: the wrap does not round-trip through crypto/aead.ts');
+        checked = true;
+      }
+      return { key, wrapped };
+    },
+    zero() {
+      random.fill(0);
+    },
+  };
 }
 
 /**

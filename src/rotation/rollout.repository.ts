@@ -256,26 +256,41 @@ export async function countPendingItems(ex: RolloutExecutor, rolloutId: string, 
  * with statistics of tables that grew by a million rows since the last ANALYZE (or of a new
  * rollout id it has never seen), it picks hash joins over the whole table: measured at 300,000
  * devices, 560 ms instead of 30 ms per statement, every chunk, and growing with the fleet. For the
- * rest of the chunk's transaction only (`set_config(…, true)` = SET LOCAL), key lookups it is.
+ * rest of the chunk's transaction only (`set_config(…, true)` = SET LOCAL), key lookups it is, and
+ * no parallel workers (a chunk's statements touch a few thousand rows by key: starting workers
+ * and shipping them the plan, array parameters included, cost more than the work; seen in a
+ * profile of the 100,000-device wave).
  */
 export async function preferKeyLookups(ex: RolloutExecutor): Promise<void> {
-  await sql`select set_config('enable_seqscan', 'off', true), set_config('enable_hashjoin', 'off', true), set_config('enable_mergejoin', 'off', true)`.execute(ex);
+  await sql`select set_config('enable_seqscan', 'off', true), set_config('enable_hashjoin', 'off', true), set_config('enable_mergejoin', 'off', true),
+                    set_config('max_parallel_workers_per_gather', '0', true)`.execute(ex);
 }
 
 /** The next pending items of a wave (after `after`, in device id order), locked; items another runner holds are skipped. */
 export async function claimPendingItems(ex: RolloutExecutor, rolloutId: string, wave: number, after: string | undefined, limit: number): Promise<string[]> {
-  let query = ex
-    .selectFrom('rollout_items')
-    .select('device_id')
-    .where('rollout_id', '=', rolloutId)
-    .where('wave', '=', wave)
-    .where('status', '=', 'pending')
-    .orderBy('device_id')
-    .limit(limit)
-    .forUpdate()
-    .skipLocked();
-  if (after !== undefined) query = query.where('device_id', '>', after);
-  return (await query.execute()).map((r) => r.device_id);
+  const { rows } = await sql<{ device_id: string }>`
+    select device_id from rollout_items
+     where rollout_id = ${rolloutId} and wave = ${wave} and status = 'pending' ${after === undefined ? sql`` : sql`and device_id > ${after}`}
+     order by device_id limit ${limit}
+       for update skip locked`.execute(ex);
+  return rows.map((r) => r.device_id);
+}
+
+/**
+ * The opening of a device-level chunk, in one round trip: key lookups for the rest of the
+ * transaction (preferKeyLookups), the rollout's state, and the group's primary version,
+ * share-locked (a group rotation cannot retire it under the chunk's new wraps). `groupVersion`
+ * undefined: the group has no primary visible (a group rotation committed while we waited).
+ */
+export async function openDeviceChunk(ex: RolloutExecutor, rolloutId: string, groupId: string): Promise<{ state: RolloutState | undefined; groupVersion: number | undefined }> {
+  const { rows } = await sql<{ state: RolloutState | null; group_version: number | null }>`
+    select (select state from rollouts where id = ${rolloutId}) as state, g.version as group_version,
+           set_config('enable_seqscan', 'off', true), set_config('enable_hashjoin', 'off', true), set_config('enable_mergejoin', 'off', true),
+           set_config('max_parallel_workers_per_gather', '0', true)
+      from (select 1) as one
+      left join lateral (select version from group_versions where group_id = ${groupId} and state = 'primary' for share) as g on true`.execute(ex);
+  const row = rows[0];
+  return { state: row?.state ?? undefined, groupVersion: row?.group_version ?? undefined };
 }
 
 export interface DoneItem {
@@ -481,6 +496,119 @@ export async function rewrapFieldVersions(ex: RolloutExecutor, moves: readonly F
            as u(device_id, field, version, from_parent, to_parent, wrapped)
      where v.device_id = u.device_id and v.field = u.field and v.version = u.version and v.parent_version = u.from_parent and v.wrapped_key is not null`.execute(ex);
   return Number(result.numAffectedRows ?? 0);
+}
+
+// ---------- a device-level chunk's writes, in one statement ----------
+
+export interface DeviceChunkWrites {
+  /** old primaries → grace (or disabled), each only if still in `from` */
+  moves: readonly StateMove[];
+  /** the new primaries; inserted only once every move landed (one primary per key is a unique index) */
+  inserts: readonly NewVersion[];
+  /** field key versions rewrapped under the new primaries */
+  rewraps: readonly FieldWrapMove[];
+  /** the items' outcomes (from `pending`) */
+  items: readonly ItemOutcome[];
+}
+
+/**
+ * Everything a device-level chunk changes in the fleet's rows, in ONE statement (the caller
+ * holds the devices', versions' and items' locks): the moves, then (gated on all of them having
+ * landed) the inserts, the field rewraps and the items. Returns how many rows each part
+ * changed: the caller compares them with what it asked for and rolls the chunk back on any
+ * difference. The inserts read the count of the moves (an InitPlan), so every old primary has
+ * left `primary` before the first new one goes in.
+ */
+export async function writeDeviceChunk(ex: RolloutExecutor, rolloutId: string, w: DeviceChunkWrites, now: Date): Promise<{ moved: number; inserted: number; rewrapped: number; items: number }> {
+  const { moves, inserts, rewraps, items } = w;
+  const keep = (v: unknown) => v === undefined;
+  const { rows } = await sql<{ moved: number; inserted: number; rewrapped: number; items: number }>`
+    with moved as (
+      update device_versions as v
+         set state = u.to_state, state_changed_at = ${now}::timestamptz, state_until = u.until
+        from unnest(${moves.map((m) => m.deviceId)}::text[], ${moves.map((m) => m.version)}::int[], ${moves.map((m) => m.from)}::text[],
+                    ${moves.map((m) => m.to)}::text[], ${moves.map((m) => m.until)}::timestamptz[]) as u(device_id, version, from_state, to_state, until)
+       where v.device_id = u.device_id and v.version = u.version and v.state = u.from_state
+      returning 1
+    ), inserted as (
+      insert into device_versions (device_id, version, state, wrapped_key, parent_version, created_at, state_changed_at)
+      select u.device_id, u.version, 'primary', u.wrapped, u.parent_version, ${now}::timestamptz, ${now}::timestamptz
+        from unnest(${inserts.map((r) => r.deviceId)}::text[], ${inserts.map((r) => r.version)}::int[], ${inserts.map((r) => r.wrapped)}::bytea[],
+                    ${inserts.map((r) => r.parentVersion)}::int[]) as u(device_id, version, wrapped, parent_version)
+       where (select count(*) from moved) = ${moves.length}
+      returning 1
+    ), rewrapped as (
+      update field_versions as v
+         set wrapped_key = u.wrapped, parent_version = u.to_parent
+        from unnest(${rewraps.map((m) => m.deviceId)}::text[], ${rewraps.map((m) => m.field)}::text[], ${rewraps.map((m) => m.version)}::int[],
+                    ${rewraps.map((m) => m.fromParent)}::int[], ${rewraps.map((m) => m.toParent)}::int[], ${rewraps.map((m) => m.wrapped)}::bytea[])
+             as u(device_id, field, version, from_parent, to_parent, wrapped)
+       where v.device_id = u.device_id and v.field = u.field and v.version = u.version and v.parent_version = u.from_parent and v.wrapped_key is not null
+      returning 1
+    ), items as (
+      update rollout_items as i
+         set status = u.status,
+             from_version = case when u.keep_versions then i.from_version else u.from_version end,
+             to_version = case when u.keep_versions then i.to_version else u.to_version end,
+             fields = case when u.keep_fields then i.fields else u.fields end,
+             reason = u.reason,
+             updated_at = ${now}::timestamptz
+        from unnest(${items.map((i) => i.deviceId)}::text[], ${items.map((i) => i.status)}::text[],
+                    ${items.map((i) => i.fromVersion ?? null)}::int[], ${items.map((i) => i.toVersion ?? null)}::int[],
+                    ${items.map((i) => keep(i.fromVersion) && keep(i.toVersion))}::boolean[],
+                    ${items.map((i) => (i.fields ? JSON.stringify(i.fields) : null))}::jsonb[], ${items.map((i) => keep(i.fields))}::boolean[],
+                    ${items.map((i) => i.reason ?? null)}::text[], ${items.map(() => 'pending')}::text[], ${items.map(() => rolloutId)}::text[])
+             as u(device_id, status, from_version, to_version, keep_versions, fields, keep_fields, reason, from_status, rollout_id)
+       -- join conditions only, never constants (see finishItems)
+       where i.rollout_id = u.rollout_id and i.device_id = u.device_id and i.status = u.from_status
+      returning 1
+    )
+    select (select count(*) from moved) as moved, (select count(*) from inserted) as inserted,
+           (select count(*) from rewrapped) as rewrapped, (select count(*) from items) as items`.execute(ex);
+  const row = rows[0];
+  return { moved: Number(row?.moved ?? 0), inserted: Number(row?.inserted ?? 0), rewrapped: Number(row?.rewrapped ?? 0), items: Number(row?.items ?? 0) };
+}
+
+/**
+ * The end of a forward chunk in one round trip: the rollout's row, locked (FOR NO KEY UPDATE),
+ * and, only if it is still running, the chunk's outcome added to its wave's counters. Returns
+ * the rollout's state and halt rule, and the wave's counters after (`counters` undefined: the
+ * rollout is not running, or the wave is gone, and nothing changed).
+ */
+export async function lockRolloutAndCount(
+  ex: RolloutExecutor,
+  rolloutId: string,
+  wave: number,
+  d: WaveDeltas,
+): Promise<{
+  rollout?: Pick<RolloutRow, 'state' | 'halt_threshold' | 'rollback_on_halt'>;
+  counters?: Pick<WaveRow, 'done' | 'failed' | 'base_done' | 'base_failed'>;
+}> {
+  const { rows } = await sql<{
+    state: RolloutState | null;
+    halt_threshold: number | null;
+    rollback_on_halt: boolean | null;
+    done: number | null;
+    failed: number | null;
+    base_done: number | null;
+    base_failed: number | null;
+  }>`
+    with r as (
+      select state, halt_threshold, rollback_on_halt from rollouts where id = ${rolloutId} for no key update
+    ), w as (
+      update rollout_waves
+         set done = done + ${d.done ?? 0}, failed = failed + ${d.failed ?? 0}, skipped = skipped + ${d.skipped ?? 0},
+             rolled_back = rolled_back + ${d.rolledBack ?? 0}, rollback_failed = rollback_failed + ${d.rollbackFailed ?? 0}
+       where rollout_id = ${rolloutId} and wave = ${wave} and (select state from r) = 'running'
+      returning done, failed, base_done, base_failed
+    )
+    select r.state, r.halt_threshold, r.rollback_on_halt, w.done, w.failed, w.base_done, w.base_failed
+      from (select 1) as one left join r on true left join w on true`.execute(ex);
+  const row = rows[0];
+  if (!row || row.state === null) return {};
+  const rollout = { state: row.state, halt_threshold: Number(row.halt_threshold), rollback_on_halt: row.rollback_on_halt === true };
+  if (row.done === null) return { rollout };
+  return { rollout, counters: { done: row.done, failed: Number(row.failed), base_done: Number(row.base_done), base_failed: Number(row.base_failed) } };
 }
 
 // ---------- progress ----------

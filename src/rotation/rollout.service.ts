@@ -42,6 +42,7 @@ import { enqueueKeyUpdates, type KeyUpdate } from '../distribution/index.js';
 import { AppError, BadRequestError, ConflictError, NotFoundError, UnwrapError } from '../http/errors.js';
 import { decodeCursor, encodeCursor } from '../http/schemas.js';
 import {
+  deviceKeyBatch,
   deviceRotateEvent,
   fieldRewrapEvents,
   fieldRotateEvent,
@@ -55,7 +56,6 @@ import {
 import type { KeyMaterial } from '../keys/key-material.js';
 import * as keyRepo from '../keys/key.repository.js';
 import type { Actor } from '../keys/key.service.js';
-import { lockGroupPrimaryForShare } from '../keys/lifecycle.repository.js';
 import { DAY_MS } from './policy.defaults.js';
 import type { PolicyService } from './policy.service.js';
 import type { RolloutMetrics } from './rollout.metrics.js';
@@ -672,18 +672,19 @@ export function createRolloutService(deps: RolloutServiceDeps) {
   async function deviceChunk(who: Actor, r: repo.RolloutRow, wave: number, keys: GroupKeys, size: number, graceMs: number, after: string | undefined): Promise<ChunkResult> {
     const started = process.hrtime.bigint();
     const scratch: Buffer[] = [];
+    const zeroAfter: Array<{ zero(): void }> = [];
     try {
       const out = await db()
         .transaction()
         .execute(async (trx): Promise<ChunkResult & { events: number }> => {
           const now = clock.now();
-          const current = await repo.findRollout(trx, r.id);
-          if (!current || current.state !== 'running') throw new ChunkAborted(current?.state);
-          await repo.preferKeyLookups(trx);
-          // share-locked, so a group rotation cannot retire it under the new wraps; none visible
+          // the rollout's state, key lookups, and the group's primary share-locked (so a group
+          // rotation cannot retire it under the new wraps), in one round trip; no primary visible
           // (a group rotation committed while we waited for it): load the keys, run again
-          const gp = await lockGroupPrimaryForShare(ex(trx), r.group_id);
-          if (!gp) throw new NeedGroupKeys();
+          const opened = await repo.openDeviceChunk(trx, r.id, r.group_id);
+          if (opened.state !== 'running') throw new ChunkAborted(opened.state);
+          if (opened.groupVersion === undefined) throw new NeedGroupKeys();
+          const gp = { version: opened.groupVersion };
           const groupKey = keys.get(gp.version);
           if (groupKey === undefined) throw new NeedGroupKeys();
           if (groupKey === null) throw new ConflictError(`Group ${r.group_id} v${gp.version} has no readable material`, 'parent_missing');
@@ -694,6 +695,9 @@ export function createRolloutService(deps: RolloutServiceDeps) {
           const versions = groupBy(await repo.lockDeviceVersions(trx, ids));
           const fields = groupBy(await repo.lockFieldVersions(trx, ids));
           const graceUntil = new Date(now.getTime() + graceMs);
+          // the chunk's new keys and nonces from one CSPRNG call, zeroed with the chunk
+          const newKeys = deviceKeyBatch(ids.length, material);
+          zeroAfter.push(newKeys);
 
           const outcomes: repo.ItemOutcome[] = [];
           const events: AuditEventInput[] = [];
@@ -720,7 +724,7 @@ export function createRolloutService(deps: RolloutServiceDeps) {
                 groupKey,
                 versions: rows,
                 fields: fields.get(id) ?? [],
-                material,
+                material: newKeys,
                 keys: planKeys(r.group_id, id, keys, scratch),
                 compromised: false,
                 graceUntil,
@@ -743,12 +747,14 @@ export function createRolloutService(deps: RolloutServiceDeps) {
           // items claimed for devices that no longer exist cannot happen (devices are never deleted); be loud if they do
           if (devices.length !== ids.length) throw new Error(`rollout ${r.id}: ${ids.length - devices.length} claimed device(s) missing`);
 
-          // the old primaries leave first: one primary per key is a unique index
-          if ((await repo.moveDeviceVersions(trx, moves, now)) !== moves.length) throw new Error('a locked primary changed state during the chunk');
-          await repo.insertDeviceVersions(trx, inserts, now);
-          if ((await repo.rewrapFieldVersions(trx, rewraps)) !== rewraps.length) throw new Error('a locked field key version moved during the chunk');
+          // one statement: the old primaries leave first (one primary per key is a unique index),
+          // then the new ones, the field rewraps and the items; any count off rolls the chunk back
+          const wrote = await repo.writeDeviceChunk(trx, r.id, { moves, inserts, rewraps, items: outcomes }, now);
+          if (wrote.moved !== moves.length) throw new Error('a locked primary changed state during the chunk');
+          if (wrote.inserted !== inserts.length) throw new Error('new device versions were not all inserted');
+          if (wrote.rewrapped !== rewraps.length) throw new Error('a locked field key version moved during the chunk');
+          if (wrote.items !== outcomes.length) throw new Error('a claimed item left pending during the chunk');
           await enqueue(ex(trx), updates);
-          await repo.finishItems(trx, r.id, 'pending', outcomes, now);
           const count = (s: string) => outcomes.filter((x) => x.status === s).length;
           const tally = { claimed: ids.length, done: count('done'), failed: count('failed'), skipped: count('skipped'), fields: rewraps.length };
           const halted = await chunkTail(trx, who, r, wave, tally, events, now);
@@ -759,6 +765,7 @@ export function createRolloutService(deps: RolloutServiceDeps) {
       return out;
     } finally {
       for (const b of scratch) b.fill(0);
+      for (const z of zeroAfter) z.zero();
     }
   }
 
@@ -859,9 +866,9 @@ export function createRolloutService(deps: RolloutServiceDeps) {
     events: AuditEventInput[],
     now: Date,
   ): Promise<{ wave: number; rolledBack: boolean } | undefined> {
-    const locked = await repo.findRollout(trx, r.id, { lock: 'no_key_update' });
+    const { rollout: locked, counters: w } = await repo.lockRolloutAndCount(trx, r.id, wave, tally);
     if (!locked || locked.state !== 'running') throw new ChunkAborted(locked?.state);
-    const w = await repo.addWaveCounters(trx, r.id, wave, tally);
+    if (!w) throw new Error(`rollout ${r.id}: wave ${wave} is missing`);
     const failed = w.failed - w.base_failed;
     const processed = failed + (w.done - w.base_done);
     if (processed === 0 || failed / processed <= locked.halt_threshold) return undefined;

@@ -1,7 +1,7 @@
 /**
  * One rollout wave over a whole group on real PostgreSQL:
  *
- *   npx tsx test/bench/rollout-wave.ts [--devices 100000] [--fields 0] [--chunk 1000] [--workers 2] [--keep]
+ *   npx tsx test/bench/rollout-wave.ts [--devices 100000] [--fields 0] [--chunk 1000] [--workers 2] [--keep] [--statements]
  *
  * Creates a scratch database on BENCH_DATABASE_URL (or TEST_DATABASE_URL, or the machine's
  * 127.0.0.1:5432), migrates it, creates a group and enrols `--devices` devices directly (fast
@@ -10,10 +10,15 @@
  * Then it starts a device-level rollout at 100 % a day (one wave) and runs the cron hook once over
  * all of it, as `POST /v1/rotation/run` would (listing the wave, chunks in FOR UPDATE SKIP LOCKED
  * transactions, audit events, outbox rows), and prints devices/s and the peak RSS of this process
- * (`process.resourceUsage().maxRSS`), checks every device was rotated exactly once, and drops the
- * database (unless --keep). Last line: `BENCH_RESULT {...}` for the benchmark runner.
+ * (`process.resourceUsage().maxRSS`), this process's CPU and the CPU of the PostgreSQL backends
+ * serving the scratch database (from /proc, by process title: on a shared machine the wall time
+ * moves with the load, the CPU per device much less), checks every device was rotated exactly
+ * once, and drops the database (unless --keep). `--statements`: client-side wall time per SQL
+ * statement (lock waits included) and the wall time spent in `audit.record`, for profiling.
+ * Last line: `BENCH_RESULT {...}` for the benchmark runner.
  */
 import crypto from 'node:crypto';
+import fs from 'node:fs';
 import os from 'node:os';
 import { parseArgs } from 'node:util';
 import { sql } from 'kysely';
@@ -38,6 +43,8 @@ const { values: args } = parseArgs({
     chunk: { type: 'string', default: '1000' },
     workers: { type: 'string', default: '2' },
     keep: { type: 'boolean', default: false },
+    /** per statement: calls, wall time (client side, lock waits included), and the wall time inside audit.record */
+    statements: { type: 'boolean', default: false },
   },
 });
 const devices = Number(args.devices);
@@ -73,6 +80,84 @@ function watchMemory(): { stop(): { maxRssMb: number; sampledPeakMb: number; hea
     stop() {
       clearInterval(timer);
       return { maxRssMb: process.resourceUsage().maxRSS / 1024, sampledPeakMb: peak / MB, heapPeakMb: heap / MB };
+    },
+  };
+}
+
+/**
+ * CPU time of the PostgreSQL processes working for this database (its backends and autovacuum
+ * workers, by process title) and of the shared background processes (WAL writer, checkpointer,
+ * background writer: shared with anything else on the server), from /proc, sampled every 100 ms
+ * so that backends which exit are still counted. Linux only; zero elsewhere.
+ */
+function watchPostgresCpu(database: string): { stop(): { ownSeconds: number; sharedSeconds: number } } {
+  const tick = 100; // USER_HZ (clock ticks a second) on Linux
+  const ownFirst = new Map<number, number>();
+  const ownLast = new Map<number, number>();
+  const sharedFirst = new Map<number, number>();
+  const sharedLast = new Map<number, number>();
+  const read = (first: boolean) => {
+    let pids: string[];
+    try {
+      pids = fs.readdirSync('/proc').filter((d) => /^\d+$/.test(d));
+    } catch {
+      return;
+    }
+    for (const pid of pids) {
+      let title: string;
+      let stat: string;
+      try {
+        title = fs.readFileSync(`/proc/${pid}/cmdline`, 'latin1');
+        if (!title.startsWith('postgres: ')) continue;
+        stat = fs.readFileSync(`/proc/${pid}/stat`, 'latin1');
+      } catch {
+        continue;
+      }
+      const fields = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
+      const cpu = (Number(fields[11]) + Number(fields[12])) / tick;
+      const own = title.includes(` ${database} `) || title.includes(`autovacuum worker ${database}`);
+      const shared = /(walwriter|checkpointer|background writer)/.test(title);
+      if (!own && !shared) continue;
+      const [firstMap, lastMap] = own ? [ownFirst, ownLast] : [sharedFirst, sharedLast];
+      if (!firstMap.has(Number(pid))) firstMap.set(Number(pid), first ? cpu : 0);
+      lastMap.set(Number(pid), cpu);
+    }
+  };
+  read(true);
+  const timer = setInterval(() => read(false), 100);
+  const sum = (first: Map<number, number>, last: Map<number, number>) => [...last].reduce((n, [pid, cpu]) => n + cpu - (first.get(pid) ?? 0), 0);
+  return {
+    stop() {
+      clearInterval(timer);
+      read(false);
+      return { ownSeconds: sum(ownFirst, ownLast), sharedSeconds: sum(sharedFirst, sharedLast) };
+    },
+  };
+}
+
+/** Client-side wall time per statement (normalised text), lock waits included. */
+function watchStatements(): { stop(): Array<{ statement: string; calls: number; seconds: number }> } {
+  const stats = new Map<string, { calls: number; ns: bigint }>();
+  const proto = pg.Client.prototype as unknown as { query: (...a: unknown[]) => unknown };
+  const original = proto.query;
+  proto.query = function (this: unknown, ...a: unknown[]) {
+    const text = typeof a[0] === 'string' ? a[0] : ((a[0] as { text?: string } | undefined)?.text ?? '?');
+    const key = text.replace(/\s+/g, ' ').trim().slice(0, 90);
+    const started = process.hrtime.bigint();
+    const out = original.apply(this, a);
+    const done = () => {
+      const entry = stats.get(key) ?? { calls: 0, ns: 0n };
+      entry.calls += 1;
+      entry.ns += process.hrtime.bigint() - started;
+      stats.set(key, entry);
+    };
+    if (out && typeof (out as Promise<unknown>).then === 'function') (out as Promise<unknown>).then(done, done);
+    return out;
+  };
+  return {
+    stop() {
+      proto.query = original;
+      return [...stats].map(([statement, s]) => ({ statement, calls: s.calls, seconds: Number(s.ns) / 1e9 })).sort((a, b) => b.seconds - a.seconds);
     },
   };
 }
@@ -143,10 +228,24 @@ async function main(): Promise<void> {
     const policies = createPolicyService({ db, audit, clock: systemClock });
     let firstChunkAt: number | undefined;
     let chunks = 0;
+    let auditNs = 0n;
+    let auditEvents = 0;
+    const timedAudit: typeof audit = {
+      ...audit,
+      async record(executor, events) {
+        const t0 = process.hrtime.bigint();
+        try {
+          await audit.record(executor, events);
+        } finally {
+          auditNs += process.hrtime.bigint() - t0;
+          auditEvents += events.length;
+        }
+      },
+    };
     const rollouts = createRolloutService({
       db,
       material,
-      audit,
+      audit: args.statements ? timedAudit : audit,
       clock: systemClock,
       policies,
       logger,
@@ -161,6 +260,8 @@ async function main(): Promise<void> {
     });
     const rollout = await rollouts.start({ actor: 'bench' }, { groupId: GROUP, level: 'device', percentPerDay: 100, waveIntervalSeconds: 86_400 });
     const memory = watchMemory();
+    const pgCpu = watchPostgresCpu(name);
+    const statements = args.statements ? watchStatements() : undefined;
     const cpuBefore = process.cpuUsage();
     started = performance.now();
     const result = await rollouts.runDueWaves({ now: new Date(), limit: devices * 2, dryRun: false, actor: 'bench', canStart: async () => true });
@@ -168,6 +269,8 @@ async function main(): Promise<void> {
     const cpu = process.cpuUsage(cpuBefore);
     const nodeCpuSeconds = (cpu.user + cpu.system) / 1e6;
     const { maxRssMb, sampledPeakMb, heapPeakMb } = memory.stop();
+    const { ownSeconds: pgCpuSeconds, sharedSeconds: pgSharedCpuSeconds } = pgCpu.stop();
+    const statementStats = statements?.stop();
     if (result.errors.length > 0) throw result.errors[0]!.error;
     const listSeconds = firstChunkAt === undefined ? 0 : (firstChunkAt - started) / 1000;
 
@@ -186,11 +289,20 @@ async function main(): Promise<void> {
         `(listing ${listSeconds.toFixed(1)} s, ${chunks} chunks of ${chunkSize}, ${workers} workers, ${result.fields} field keys rewrapped)`,
     );
     console.log(`cpu   : this process ${nodeCpuSeconds.toFixed(1)} s (${Math.round((nodeCpuSeconds / devices) * 1e6)} µs a device); the rest of the wave's time is PostgreSQL's`);
+    console.log(
+      `pg cpu: this database's backends ${pgCpuSeconds.toFixed(1)} s (${Math.round((pgCpuSeconds / devices) * 1e6)} µs a device); ` +
+        `WAL writer, checkpointer, background writer ${pgSharedCpuSeconds.toFixed(1)} s (shared with the rest of the server)`,
+    );
+    if (statementStats) {
+      console.log(`audit : audit.record ${(Number(auditNs) / 1e9).toFixed(1)} s wall over ${auditEvents} events (head lock wait included; summed over workers)`);
+      console.log('statements (client wall time summed over workers, lock waits included):');
+      for (const s of statementStats.slice(0, 25)) console.log(`  ${s.seconds.toFixed(2).padStart(7)} s ${String(s.calls).padStart(6)}×  ${s.statement}`);
+    }
     console.log(`memory: peak RSS ${maxRssMb.toFixed(0)} MB (maxRSS of the process, enrolment included); sampled during the wave ${sampledPeakMb.toFixed(0)} MB, JS heap at most ${heapPeakMb.toFixed(0)} MB`);
     console.log(`check : ${ok ? 'every device rotated exactly once (v1 grace, v2 primary, one outbox row each)' : `FAILED ${JSON.stringify({ state: view.state, totals: view.totals, ...check })}`}`);
     console.log(`host  : ${os.cpus().length} CPUs, load ${os.loadavg().map((l) => l.toFixed(1)).join(' ')}, Node ${process.version}`);
     console.log(
-      `BENCH_RESULT ${JSON.stringify({ devices, withFields, chunkSize, workers, enrolSeconds, waveSeconds, listSeconds, devicesPerSecond: rate, nodeCpuSeconds, maxRssMb, sampledPeakMb, heapPeakMb, ok })}`,
+      `BENCH_RESULT ${JSON.stringify({ devices, withFields, chunkSize, workers, enrolSeconds, waveSeconds, listSeconds, devicesPerSecond: rate, nodeCpuSeconds, pgCpuSeconds, pgSharedCpuSeconds, maxRssMb, sampledPeakMb, heapPeakMb, ok })}`,
     );
     await audit.close();
     await kek.close();
