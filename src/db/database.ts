@@ -48,8 +48,7 @@ export function createPostgresDatabase(connectionString: string, poolSize = 10, 
   // a transaction, or mid-query) was an uncaught exception. The query in flight still gets the
   // error, the next one is refused, and the pool drops the client when it is released.
   pool.on('connect', (client) => client.on('error', () => {}));
-  const queryTimeoutMs = options.queryTimeoutMs ?? 0;
-  const db = new Kysely<DB>({ dialect: new PostgresDialect({ pool: queryTimeoutMs > 0 ? withQueryDeadline(pool, queryTimeoutMs) : pool }) });
+  const db = new Kysely<DB>({ dialect: new PostgresDialect({ pool: wrapPool(pool, options.queryTimeoutMs ?? 0) }) });
   return {
     db,
     kind: 'postgres',
@@ -62,13 +61,34 @@ export function createPostgresDatabase(connectionString: string, poolSize = 10, 
   };
 }
 
-/** Kysely's pool, each query raced against a deadline; a late query's connection is destroyed (it may never answer). */
-function withQueryDeadline(pool: pg.Pool, ms: number): PostgresPool {
+/**
+ * SQL texts run as named prepared statements on PostgreSQL (text → statement name). A hot
+ * statement with a fixed text (key fetch, the audit appends) is then parsed and planned once
+ * per connection instead of on every call: about half of such a query's PostgreSQL CPU here
+ * (issue 7). Only fixed texts belong here (ids and lists travel as parameters, arrays included),
+ * or every variant would stay prepared on every connection. PGlite runs them as usual.
+ */
+const PREPARED = new Map<string, string>();
+
+/** Mark a fixed SQL text for a named prepared statement; returns the text, to pass on as usual. */
+export function preparedStatement(text: string): string {
+  if (!PREPARED.has(text)) PREPARED.set(text, `keystrata_${PREPARED.size + 1}`);
+  return text;
+}
+
+/**
+ * Kysely's pool: texts marked by preparedStatement run as named statements, and with a deadline
+ * (`ms` > 0) each query is raced against it; a late query's connection is destroyed (it may never answer).
+ */
+function wrapPool(pool: pg.Pool, ms: number): PostgresPool {
   return {
     async connect() {
       const client = await pool.connect();
       const query = (sqlOrCursor: unknown, parameters?: ReadonlyArray<unknown>): unknown => {
         if (typeof sqlOrCursor !== 'string') return client.query(sqlOrCursor as never); // cursors (streaming) are not bounded
+        const name = PREPARED.get(sqlOrCursor);
+        const run = () => (name === undefined ? client.query(sqlOrCursor, parameters as unknown[]) : client.query({ name, text: sqlOrCursor, values: parameters as unknown[] }));
+        if (ms <= 0) return run();
         let timer: NodeJS.Timeout | undefined;
         const deadline = new Promise<never>((_, reject) => {
           timer = setTimeout(() => {
@@ -77,7 +97,7 @@ function withQueryDeadline(pool: pg.Pool, ms: number): PostgresPool {
             (client as unknown as { connection?: { stream?: { destroy(): void } } }).connection?.stream?.destroy();
           }, ms);
         });
-        const running = client.query(sqlOrCursor, parameters as unknown[]);
+        const running = run();
         running.catch(() => {}); // it fails once its connection is destroyed: the deadline answered already
         return Promise.race([running, deadline]).finally(() => clearTimeout(timer));
       };
