@@ -26,3 +26,4 @@ export const migrations: Record<string, Migration> = {
   '20261121000800_grace_requires_ack': graceRequiresAck,
   '20261121000900_audit_bulk': auditBulk,
 };
+import * as inlineRolloutBucket from './20261121001000_inline_rollout_bucket.js'; migrations['20261121001000_inline_rollout_bucket'] = inlineRolloutBucket; // issue 7: inlinable bucket function
