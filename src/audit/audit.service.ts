@@ -20,6 +20,7 @@
  * never logged, and the only event contents are what callers pass (ids, versions, states).
  */
 import crypto, { type KeyObject } from 'node:crypto';
+import os from 'node:os';
 import { setImmediate as yieldToEventLoop } from 'node:timers/promises';
 import { calculateJwkThumbprint, CompactSign, compactVerify, type JWK } from 'jose';
 import type { Kysely } from 'kysely';
@@ -30,16 +31,16 @@ import { decodeCursor, encodeCursor } from '../http/schemas.js';
 import { kekBlobVersion, type KekProvider } from '../kek/kek.types.js';
 import {
   canonicalEvent,
-  canonicalJson,
   canonicalTime,
   chainHash,
-  chainHashHex,
   GENESIS_HASH,
   HASH_BYTES,
   prepareEvent,
   type PreparedEvent,
 } from './audit.chain.js';
 import * as repo from './audit.repository.js';
+import { verifyChainPage, type PageOutcome } from './audit.verify-page.js';
+import { startVerifyPool, type VerifyPool } from './audit.verify-pool.js';
 import type { AuditKeyPurpose } from './audit.tables.js';
 import type { AuditEventInput, AuditOutcome, AuditSink } from './audit.types.js';
 
@@ -53,8 +54,6 @@ const HMAC_KEY_BYTES = 32;
 const KEY_WAIT_IN_TRANSACTION_MS = 1000;
 /** Events per INSERT statement of `record` (the next chunk is hashed while the server stores one). */
 const WRITE_CHUNK = 2000;
-/** `verify` lets the event loop turn every so many events (about 10 ms of hashing). */
-const YIELD_EVERY = 2000;
 
 export interface AuditLogger {
   info(obj: object, msg: string): void;
@@ -75,6 +74,10 @@ export interface AuditServiceOptions {
   checkpointIntervalMs?: number | undefined;
   /** events read per query by `verify` (default 5,000) */
   verifyPageSize?: number | undefined;
+  /** worker threads recomputing HMACs for `verify` (default: the CPUs available, at most 4; 0: none) */
+  verifyWorkers?: number | undefined;
+  /** shortest walk handed to the workers (default 20,000 events; shorter ones run on this thread) */
+  verifyParallelMin?: number | undefined;
 }
 
 export interface VerifyOptions {
@@ -263,6 +266,8 @@ export function createAuditService(options: AuditServiceOptions): AuditService {
   const batchWindowMs = options.batchWindowMs ?? 5;
   const maxBatchEvents = options.maxBatchEvents ?? 5000;
   const verifyPageSize = options.verifyPageSize ?? 5000;
+  const verifyWorkers = options.verifyWorkers ?? Math.min(os.availableParallelism(), 4);
+  const verifyParallelMin = options.verifyParallelMin ?? 20_000;
 
   // ---- keys ----
 
@@ -491,6 +496,17 @@ export function createAuditService(options: AuditServiceOptions): AuditService {
 
   // ---- verify ----
 
+  let verifyPoolStart: Promise<VerifyPool | undefined> | undefined;
+  /** The worker pool, started on the first long walk (undefined: verify on this thread). */
+  function verifyPool(key: KeyObject): Promise<VerifyPool | undefined> {
+    if (verifyWorkers <= 0 || closed) return Promise.resolve(undefined);
+    verifyPoolStart ??= startVerifyPool(verifyWorkers, key).catch((error: unknown) => {
+      logger.warn({ err: error }, 'audit verify workers could not start: verifying on the main thread');
+      return undefined;
+    });
+    return verifyPoolStart;
+  }
+
   async function verify(verifyOptions: VerifyOptions = {}): Promise<VerifyResult> {
     const { fromPosition, fromCheckpoint } = verifyOptions;
     if (fromPosition !== undefined && fromCheckpoint !== undefined) throw new BadRequestError('Give fromPosition or fromCheckpoint, not both');
@@ -540,53 +556,63 @@ export function createAuditService(options: AuditServiceOptions): AuditService {
       checkpoints.set(cp.position, list);
     }
 
+    // Pages are checked apart (each event stores the hash it links to), in worker threads when
+    // the walk is long, and their outcomes are walked here in position order: the boundary link
+    // between pages, then the signed checkpoints, then the page's own first failure.
+    const pool = head.position - start + 1 >= verifyParallelMin ? await verifyPool(key) : undefined;
+    const checkpointPositions = [...checkpoints.keys()].sort((x, y) => x - y);
+    const checkPage = async (from: number, to: number): Promise<PageOutcome> => {
+      const page = await repo.selectChainColumns(db, from, to);
+      const hashesAt = checkpointPositions.filter((p) => p >= from && p <= to);
+      if (pool) return pool.run(page, from, to, hashesAt);
+      await yieldToEventLoop(); // a page of HMACs on this thread: let other requests in between pages
+      return verifyChainPage(key, page, from, to, hashesAt);
+    };
+    const inFlight: Array<{ from: number; to: number; outcome: Promise<PageOutcome> }> = [];
+    let nextFrom = start;
+    const fill = () => {
+      // every worker busy plus one page ready; without workers, the next page is fetched while this one is hashed
+      while (nextFrom <= head.position && inFlight.length < (pool ? pool.size + 1 : 2)) {
+        const from = nextFrom;
+        const to = Math.min(from + verifyPageSize - 1, head.position);
+        const outcome = checkPage(from, to);
+        outcome.catch(() => {}); // awaited below, or abandoned if the walk stops first
+        inFlight.push({ from, to, outcome });
+        nextFrom = to + 1;
+      }
+    };
     let expected = start;
-    const fetchPage = (from: number) => repo.selectChainPage(db, from, Math.min(from + verifyPageSize - 1, head.position));
-    let page = start <= head.position ? fetchPage(start) : undefined;
-    try {
-      while (page !== undefined) {
-        const rows = await page;
-        // fetch the next page while this one is hashed
-        const next = expected + rows.length;
-        page = next <= head.position ? fetchPage(next) : undefined;
-        page?.catch(() => {}); // awaited on the next turn, or abandoned if the walk stops here
-        for (let i = 0; i < rows.length; i++) {
-          // Yield now and then: the prefetch above only reaches the server once the event loop
-          // turns, and other requests must not wait for a whole page of HMACs.
-          if (i % YIELD_EVERY === 0) await yieldToEventLoop();
-          // [position, time, actor, action, outcome, keyId, details, requestId, prevHash, hash]
-          const row = rows[i];
-          if (row === undefined) return broken(expected, 'missing_event', `event ${expected} is missing`);
-          if (row[8] !== prevHex) return broken(expected, 'broken_link', `event ${expected} does not link to event ${expected - 1}`);
-          const canonical = canonicalEvent({
-            position: row[0],
-            time: row[1],
-            actor: row[2],
-            action: row[3],
-            outcome: row[4],
-            keyId: row[5],
-            detailsJson: canonicalJson(row[6]),
-            requestId: row[7],
-          });
-          if (chainHashHex(key, prevHex, canonical) !== row[9]) {
-            return broken(expected, 'hash_mismatch', `event ${expected} does not match its hash (changed, forged or moved)`);
-          }
-          const signed = checkpoints.get(expected);
-          if (signed !== undefined) {
-            for (const cp of signed) {
-              const problem = await checkCheckpoint(cp, signer);
-              if (problem !== undefined) return broken(expected, 'checkpoint_invalid', `checkpoint ${cp.id}: ${problem}`);
-              if (cp.hash.toString('hex') !== row[9]) return broken(expected, 'checkpoint_mismatch', `checkpoint ${cp.id} signed another hash for event ${expected}`);
-              result.checkpointsChecked += 1;
-            }
-          }
-          prevHex = row[9];
-          expected += 1;
-          result.checked += 1;
+    fill();
+    while (inFlight.length > 0) {
+      const { from, to, outcome: pending } = inFlight.shift() as (typeof inFlight)[number];
+      const outcome = await pending;
+      fill();
+      const failure = outcome.failure;
+      if (failure?.position === from && failure.reason === 'missing_event') return broken(from, 'missing_event', `event ${from} is missing`);
+      if (outcome.firstPrev !== prevHex) return broken(from, 'broken_link', `event ${from} does not link to event ${from - 1}`);
+      const failedAt = failure?.position ?? to + 1;
+      for (const position of checkpointPositions) {
+        if (position < from || position >= failedAt) continue;
+        result.checked = position - start;
+        for (const cp of checkpoints.get(position) ?? []) {
+          const problem = await checkCheckpoint(cp, signer);
+          if (problem !== undefined) return broken(position, 'checkpoint_invalid', `checkpoint ${cp.id}: ${problem}`);
+          if (cp.hash.toString('hex') !== outcome.hashesAt[position]) return broken(position, 'checkpoint_mismatch', `checkpoint ${cp.id} signed another hash for event ${position}`);
+          result.checkpointsChecked += 1;
         }
       }
-    } finally {
-      page?.catch(() => {});
+      result.checked = failedAt - start;
+      if (failure !== undefined) {
+        const detail =
+          failure.reason === 'missing_event'
+            ? `event ${failure.position} is missing`
+            : failure.reason === 'broken_link'
+              ? `event ${failure.position} does not link to event ${failure.position - 1}`
+              : `event ${failure.position} does not match its hash (changed, forged or moved)`;
+        return broken(failure.position, failure.reason, detail);
+      }
+      prevHex = outcome.lastHash as string;
+      expected = to + 1;
     }
     if (expected <= head.position) return broken(expected, 'missing_event', `event ${expected} is missing`);
     if (head.hash.toString('hex') !== prevHex) return broken(head.position, 'head_mismatch', `the chain head does not match event ${head.position}`);
@@ -721,6 +747,7 @@ export function createAuditService(options: AuditServiceOptions): AuditService {
     }
     await writing;
     await checkpointRunning;
+    await (await verifyPoolStart)?.close();
     // a key still loading holds a database query: let it finish before the database closes
     await Promise.allSettled([hmacKey.loading, signingKey.loading]);
   }
