@@ -3,8 +3,8 @@
  * service decides what runs inside which transaction. Rows are normalised here (int8 → number,
  * bytea → Buffer) because PGlite and pg decode them differently.
  */
-import { sql } from 'kysely';
-import type { Executor } from '../db/database.js';
+import { CompiledQuery, sql } from 'kysely';
+import { preparedStatement, type Executor } from '../db/database.js';
 import type { AuditKeyPurpose } from './audit.tables.js';
 import type { AuditOutcome } from './audit.types.js';
 import type { ChainPageData } from './audit.verify-page.js';
@@ -84,8 +84,20 @@ const INSERT_CHUNK = 50_000;
 // ---- chain head ----
 
 /** Lock the chain head for the rest of the caller's transaction: every writer queues here. */
+// Every append runs these three (prepared once per connection: db/database.ts preparedStatement).
+const LOCK_HEAD = preparedStatement('select position, hash from audit_chain_head where id = 1 for update');
+const UPDATE_HEAD = preparedStatement('update audit_chain_head set position = $1, hash = $2 where id = 1');
+const INSERT_EVENTS = preparedStatement(`
+  insert into audit_events (position, occurred_at, actor, action, outcome, key_id, details, request_id, prev_hash, hash)
+  select $1::int8 + e.ord - 1, $2::timestamptz, e.actor, e.action, e.outcome, e.key_id,
+         cast(e.details as jsonb), e.request_id, substring(c.chain, (32 * e.ord - 31)::int, 32), substring(c.chain, (32 * e.ord + 1)::int, 32)
+  from (select $3::bytea as chain) c,
+       unnest($4::text[], $5::text[], $6::text[], $7::text[], $8::text[], $9::text[])
+         with ordinality as e(actor, action, outcome, key_id, details, request_id, ord)
+  order by e.ord`);
+
 export async function lockHead(trx: Executor): Promise<ChainHead> {
-  const row = await trx.selectFrom('audit_chain_head').select(['position', 'hash']).where('id', '=', 1).forUpdate().executeTakeFirst();
+  const row = (await trx.executeQuery<{ position: number | string; hash: Buffer | Uint8Array }>(CompiledQuery.raw(LOCK_HEAD, []))).rows[0];
   if (!row) throw new Error('The audit chain head row is missing');
   return { position: Number(row.position), hash: toBuffer(row.hash) };
 }
@@ -96,7 +108,7 @@ export async function readHead(db: Executor): Promise<ChainHead | undefined> {
 }
 
 export async function updateHead(trx: Executor, head: ChainHead): Promise<void> {
-  await trx.updateTable('audit_chain_head').set({ position: head.position, hash: head.hash }).where('id', '=', 1).execute();
+  await trx.executeQuery(CompiledQuery.raw(UPDATE_HEAD, [head.position, head.hash]));
 }
 
 // ---- events ----
@@ -113,15 +125,19 @@ export async function insertEvents(trx: Executor, events: NewAuditEvents): Promi
     const end = Math.min(i + INSERT_CHUNK, count);
     const part = <T>(column: T[]): T[] => (i === 0 && end === count ? column : column.slice(i, end));
     const chain = events.chain.subarray(i * 32, (end + 1) * 32);
-    await sql`
-      insert into audit_events (position, occurred_at, actor, action, outcome, key_id, details, request_id, prev_hash, hash)
-      select ${events.firstPosition + i}::int8 + e.ord - 1, ${events.occurredAt}::timestamptz, e.actor, e.action, e.outcome, e.key_id,
-             cast(e.details as jsonb), e.request_id, substring(c.chain, (32 * e.ord - 31)::int, 32), substring(c.chain, (32 * e.ord + 1)::int, 32)
-      from (select ${chain}::bytea as chain) c,
-           unnest(${part(events.actors)}::text[], ${part(events.actions)}::text[], ${part(events.outcomes)}::text[],
-                  ${part(events.keyIds)}::text[], ${part(events.details)}::text[], ${part(events.requestIds)}::text[])
-             with ordinality as e(actor, action, outcome, key_id, details, request_id, ord)
-      order by e.ord`.execute(trx);
+    await trx.executeQuery(
+      CompiledQuery.raw(INSERT_EVENTS, [
+        events.firstPosition + i,
+        events.occurredAt,
+        chain,
+        part(events.actors),
+        part(events.actions),
+        part(events.outcomes),
+        part(events.keyIds),
+        part(events.details),
+        part(events.requestIds),
+      ]),
+    );
   }
 }
 
