@@ -13,6 +13,8 @@ import * as distribution from './20261121000600_distribution.js';
 import * as rollouts from './20261121000700_rollouts.js';
 import * as graceRequiresAck from './20261121000800_grace_requires_ack.js';
 import * as auditBulk from './20261121000900_audit_bulk.js';
+import * as inlineRolloutBucket from './20261121001000_inline_rollout_bucket.js';
+import * as auditLinksWindow from './20261121001300_audit_links_window.js';
 
 export const migrations: Record<string, Migration> = {
   '20261121000100_hierarchy': hierarchy,
@@ -25,5 +27,6 @@ export const migrations: Record<string, Migration> = {
   '20261121000700_rollouts': rollouts,
   '20261121000800_grace_requires_ack': graceRequiresAck,
   '20261121000900_audit_bulk': auditBulk,
+  '20261121001000_inline_rollout_bucket': inlineRolloutBucket,
+  '20261121001300_audit_links_window': auditLinksWindow,
 };
-import * as inlineRolloutBucket from './20261121001000_inline_rollout_bucket.js'; migrations['20261121001000_inline_rollout_bucket'] = inlineRolloutBucket; // issue 7: inlinable bucket function

@@ -130,6 +130,14 @@ async function main(): Promise<void> {
     const audit = createAuditService({ db: database.db, kek, clock: createManualClock() });
     await audit.init();
 
+    // As in the server, each connection's first events come one at a time (a delivery, a policy
+    // change): PostgreSQL keeps the link check's plan per connection, so a plan made for one row
+    // must not slow the big batches after it (it once did: 20261121001300_audit_links_window.ts).
+    await Promise.all(
+      Array.from({ length: 4 }, (_, i) =>
+        database.db.transaction().execute((trx) => audit.record(trx, [{ actor: 'bench', action: 'bench.prime', outcome: 'success', keyId: `prime-${i}`, details: {}, requestId: `prime-${i}` }])),
+      ),
+    );
     const write = await measure(async () => {
       for (let done = 0; done < events; done += PER_TRANSACTION) {
         const batch = Array.from({ length: Math.min(PER_TRANSACTION, events - done) }, (_, i) => ({
