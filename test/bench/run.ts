@@ -185,8 +185,21 @@ async function startServer(database: ScratchDatabase, dataDir: string, options: 
   });
   const url = `http://127.0.0.1:${port}`;
   await waitForHttp(`${url}/readyz`, child);
+  // the first worker answers /readyz while the others may still be loading: wait for all of them
+  for (const deadline = Date.now() + 120_000; S.workers > 1 && countInFile(logFile, '"keystrata is listening"') < S.workers; ) {
+    if (Date.now() > deadline) throw new Error(`only ${countInFile(logFile, '"keystrata is listening"')} of ${S.workers} workers listen after 120 s`);
+    await new Promise((resolve) => setTimeout(resolve, 200));
+  }
   log(`keystrata server pid ${child.pid} on ${url} (LOG_LEVEL=${options.logLevel}, KEYSTRATA_WORKERS=${S.workers}${options.cpuProfile ? `, --cpu-prof → ${options.cpuProfile}` : ''})`);
   return { child, startedAt, database: database.name, url, logFile, stop: () => child.stop('SIGTERM', 30_000) };
+}
+
+function countInFile(file: string, needle: string): number {
+  try {
+    return fs.readFileSync(file, 'utf8').split(needle).length - 1;
+  } catch {
+    return 0;
+  }
 }
 
 /** `; server peak RSS so far 412 MB` (VmHWM: it only grows, so successive figures show which one raised it) */
