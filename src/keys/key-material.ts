@@ -30,8 +30,9 @@ export interface KeyMaterial {
   newDeviceKeys(groupKey: Buffer, groupId: string, groupVersion: number, deviceIds: readonly string[], version: number): Buffer;
   /**
    * A device DEK, unwrapped (or from the parent cache). `cacheAsParent: false` when it is the
-   * leaf being delivered and not the parent of field keys: caching every device a bulk fetch
-   * delivers only churns the cache (issue 7).
+   * leaf being delivered and not the parent of field keys: then the cache is neither asked nor
+   * filled (for a 1,000-device bulk fetch the lookups were nearly all misses, and the inserts
+   * churned the cache: issue 7).
    */
   deviceKey(groupKey: Buffer, groupId: string, groupVersion: number, deviceId: string, version: number, wrapped: Buffer | null, options?: { cacheAsParent?: boolean }): Buffer;
   newFieldKey(deviceKey: Buffer, deviceId: string, deviceVersion: number, field: string, version: number): { wrapped: Buffer; key: Buffer };
@@ -113,7 +114,8 @@ export function createKeyMaterial(deps: { kek: KekProvider; cache: KeyCache; onU
     },
 
     deviceKey(groupKey, groupId, groupVersion, deviceId, version, wrapped, options) {
-      const cached = cache.get('device', deviceId, version);
+      const asParent = options?.cacheAsParent !== false;
+      const cached = asParent ? cache.get('device', deviceId, version) : undefined;
       if (cached) return cached;
       if (wrapped === null) return failed(`device:${deviceId}`, version);
       let key: Buffer;
@@ -123,7 +125,7 @@ export function createKeyMaterial(deps: { kek: KekProvider; cache: KeyCache; onU
         if (error instanceof UnwrapError) failed(`device:${deviceId}`, version);
         throw error;
       }
-      if (options?.cacheAsParent !== false) cache.set('device', deviceId, version, key);
+      if (asParent) cache.set('device', deviceId, version, key);
       return key;
     },
 

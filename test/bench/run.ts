@@ -16,6 +16,7 @@
  * route measured in the same invocation. Every server-side load run must be clean (all 2xx).
  */
 import { generateKeyPairSync, type KeyObject } from 'node:crypto';
+import { execFileSync } from 'node:child_process';
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
@@ -69,6 +70,12 @@ const int = (name: string, fallback: number): number => {
 const S = {
   runs: int('BENCH_RUNS', QUICK ? 1 : 3),
   logLevel: env.BENCH_LOG_LEVEL ?? 'info',
+  /**
+   * `dist` (default): the server runs compiled (`tsc -p tsconfig.build.json`, as in the Docker
+   * image); `tsx`: from source as `npm start` does (esbuild's keepNames wrappers and the loader
+   * cost a few % of a fetch's CPU)
+   */
+  runtime: env.BENCH_RUNTIME === 'tsx' ? ('tsx' as const) : ('dist' as const),
   /** the server's KEYSTRATA_WORKERS (node:cluster processes sharing the port) */
   workers: int('BENCH_WORKERS', 1),
   /** also measure figure 2 with the server at LOG_LEVEL=warn (request logging off): info costs ~30 % of the requests' CPU */
@@ -178,7 +185,7 @@ async function startServer(database: ScratchDatabase, dataDir: string, options: 
   const logFile = path.join(dataDir, `server-${port}.log`);
   // one profile per thread (tsx's module loader runs in a worker); the main thread's is `CPU.<date>.<time>.<pid>.0.<seq>.cpuprofile`
   const nodeArgs = options.cpuProfile ? ['--cpu-prof', `--cpu-prof-dir=${options.cpuProfile}`] : [];
-  const child = startNode('src/server.ts', [], {
+  const child = startNode(serverEntry(), [], {
     env: baseEnv({ DATABASE_URL: database.url, KEYSTRATA_DATA_DIR: dataDir, PORT: String(port), HOST: '127.0.0.1', LOG_LEVEL: options.logLevel, RATE_LIMIT_ENABLED: 'false', KEYSTRATA_WORKERS: String(S.workers) }),
     logFile,
     nodeArgs,
@@ -192,6 +199,18 @@ async function startServer(database: ScratchDatabase, dataDir: string, options: 
   }
   log(`keystrata server pid ${child.pid} on ${url} (LOG_LEVEL=${options.logLevel}, KEYSTRATA_WORKERS=${S.workers}${options.cpuProfile ? `, --cpu-prof → ${options.cpuProfile}` : ''})`);
   return { child, startedAt, database: database.name, url, logFile, stop: () => child.stop('SIGTERM', 30_000) };
+}
+
+let built = false;
+/** The server's entry: compiled once per bench invocation into dist/ (BENCH_RUNTIME=dist), or the TypeScript source. */
+function serverEntry(): string {
+  if (S.runtime === 'tsx') return 'src/server.ts';
+  if (!built) {
+    log('compiling the server (tsc -p tsconfig.build.json → dist/; BENCH_RUNTIME=tsx runs the source instead)');
+    execFileSync(process.execPath, [path.join(REPO_ROOT, 'node_modules/typescript/bin/tsc'), '-p', 'tsconfig.build.json'], { cwd: REPO_ROOT, stdio: 'inherit' });
+    built = true;
+  }
+  return 'dist/src/server.js';
 }
 
 function countInFile(file: string, needle: string): number {
@@ -359,7 +378,7 @@ async function figureSingle(server: Server, fleet: Fleet, bareRps: number | unde
   measured(`2a${label.suffix}`, `single key fetch${label.suffix ? ` (LOG_LEVEL=${label.logLevel})` : ''}`, rps, 'req/s', { op: '>=', threshold: 5_000 }, {
     runs: runs.map((r) => r.rps),
     cpuUsPerKey: cpu,
-    notes: `GET /v1/devices/{id}/keys, ${S.connections} connections, ${S.singleSeconds} s per run, a different device per request (${ids.length.toLocaleString('en-US')} devices rotated through, ${next.toLocaleString('en-US')} requests incl. warm-up); server LOG_LEVEL=${label.logLevel}, KEYSTRATA_WORKERS=${S.workers}; ${describeCpu(sumCpu(runs.map((r) => r.cpu)))}${serverRss(server)}`,
+    notes: `GET /v1/devices/{id}/keys, ${S.connections} connections, ${S.singleSeconds} s per run, a different device per request (${ids.length.toLocaleString('en-US')} devices rotated through, ${next.toLocaleString('en-US')} requests incl. warm-up); server ${S.runtime === "dist" ? "compiled" : "on tsx"}, LOG_LEVEL=${label.logLevel}, KEYSTRATA_WORKERS=${S.workers}; ${describeCpu(sumCpu(runs.map((r) => r.cpu)))}${serverRss(server)}`,
   });
   measured(`2b${label.suffix}`, `single key fetch p99${label.suffix ? ` (LOG_LEVEL=${label.logLevel})` : ''}`, median(runs.map((r) => r.p99)), 'ms', { op: '<=', threshold: 25 }, {
     runs: runs.map((r) => r.p99),
@@ -614,7 +633,7 @@ async function main(): Promise<void> {
   const postgres = await checkPostgres().catch((error: unknown) => {
     throw new Error(`PostgreSQL is not reachable at ${ADMIN_URL.replace(/\/\/[^@]*@/, '//…@')} (set BENCH_DATABASE_URL): ${error instanceof Error ? error.message : String(error)}`);
   });
-  process.stdout.write(`database: ${postgres}; server LOG_LEVEL=${S.logLevel}, KEYSTRATA_WORKERS=${S.workers} (BENCH_WORKERS), RATE_LIMIT_ENABLED=false (the limits would cap the load generator)\n\n`);
+  process.stdout.write(`database: ${postgres}; server ${S.runtime === "dist" ? "compiled (dist/)" : "from source (tsx)"}, LOG_LEVEL=${S.logLevel}, KEYSTRATA_WORKERS=${S.workers} (BENCH_WORKERS), RATE_LIMIT_ENABLED=false (the limits would cap the load generator)\n\n`);
 
   const errors: string[] = [];
   const attempt = async (name: string, fn: () => Promise<void>) => {

@@ -129,7 +129,9 @@ export interface Child {
 export function startNode(script: string, args: string[], options: { env: NodeJS.ProcessEnv; logFile?: string; nodeArgs?: string[]; onLine?: (line: string) => void }): Child {
   let output = '';
   const logFd = options.logFile !== undefined ? fs.openSync(options.logFile, 'a') : undefined;
-  const child = spawn(process.execPath, [...(options.nodeArgs ?? []), '--import', 'tsx', script, ...args], {
+  // TypeScript through tsx; compiled JavaScript (dist/) as is
+  const loader = script.endsWith('.ts') ? ['--import', 'tsx'] : [];
+  const child = spawn(process.execPath, [...(options.nodeArgs ?? []), ...loader, script, ...args], {
     cwd: REPO_ROOT,
     env: options.env,
     stdio: logFd !== undefined ? ['ignore', logFd, logFd] : ['ignore', 'pipe', 'pipe'],
