@@ -33,7 +33,7 @@ async function freePort(): Promise<number> {
   return port;
 }
 
-/** Live node child processes of a pid (the workers; tsx's esbuild service is a child too), from /proc. */
+/** Live worker processes of a pid: children running src/server.ts (tsx's esbuild service is a child too), from /proc. */
 function childrenOf(pid: number): number[] {
   const children: number[] = [];
   for (const entry of fs.readdirSync('/proc')) {
@@ -41,8 +41,9 @@ function childrenOf(pid: number): number[] {
     try {
       const stat = fs.readFileSync(`/proc/${entry}/stat`, 'utf8');
       const fields = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
-      const command = stat.slice(stat.indexOf('(') + 1, stat.lastIndexOf(')'));
-      if (Number(fields[1]) === pid && fields[0] !== 'Z' && command === 'node') children.push(Number(entry));
+      if (Number(fields[1]) !== pid || fields[0] === 'Z') continue;
+      // by command line: the thread name in `stat` is "node" on Node 20 but "MainThread" on Node 24
+      if (fs.readFileSync(`/proc/${entry}/cmdline`, 'utf8').includes('src/server.ts')) children.push(Number(entry));
     } catch {
       // exited while we looked
     }
