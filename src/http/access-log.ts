@@ -1,7 +1,7 @@
 /**
  * One access line per request, written when it completes, instead of Fastify's two ("incoming
- * request" + "request completed"): every line goes through the logger's redaction paths, and at
- * info level the pair cost about a tenth of a key fetch's CPU (issue 7). The line carries what
+ * request" + "request completed"): every line is copied through the logger's secret scrubbing, and
+ * at info level the pair cost about a tenth of a key fetch's CPU (issue 7). The line carries what
  * both did: method, URL, client address, status and time, under the request's reqId.
  */
 import { LogController } from 'fastify';

@@ -137,21 +137,6 @@ export async function listDeviceVersions(ex: Executor, deviceIds: readonly strin
     .execute();
 }
 
-export type DeviceWithVersionRow = DeviceVersionRow & { group_id: string };
-
-/** Devices and all their versions in one query (key fetch's hot path). */
-export async function listDevicesWithVersions(ex: Executor, deviceIds: readonly string[]): Promise<DeviceWithVersionRow[]> {
-  if (deviceIds.length === 0) return [];
-  return ex
-    .selectFrom('device_versions as v')
-    .innerJoin('devices as d', 'd.id', 'v.device_id')
-    .select(['v.device_id', 'v.version', 'v.state', 'v.wrapped_key', 'v.parent_version', 'v.created_at', 'v.state_changed_at', 'v.state_until', 'd.group_id'])
-    .where('v.device_id', 'in', deviceIds)
-    .orderBy('v.device_id')
-    .orderBy('v.version')
-    .execute();
-}
-
 export async function listGroupVersionsByPairs(ex: Executor, pairs: ReadonlyArray<{ groupId: string; version: number }>): Promise<GroupVersionRow[]> {
   if (pairs.length === 0) return [];
   return ex

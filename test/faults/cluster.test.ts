@@ -9,7 +9,6 @@
 import { spawn, type ChildProcess } from 'node:child_process';
 import crypto from 'node:crypto';
 import fs from 'node:fs';
-import net from 'node:net';
 import os from 'node:os';
 import path from 'node:path';
 import type { CryptoKey } from 'jose';
@@ -21,17 +20,9 @@ import type { KekProvider } from '../../src/kek/kek.types.js';
 import { createLocalKekProvider } from '../../src/kek/local.provider.js';
 import { createTestDatabase, type TestDatabase } from '../support/db.js';
 import { decryptKeySet, newDeliveryKeyPair } from '../support/flow.js';
-import { storedMaterial, until } from './support.js';
+import { freePort, storedMaterial, until } from './support.js';
 
 const setup = inject('testDb');
-
-async function freePort(): Promise<number> {
-  const server = net.createServer();
-  await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve));
-  const { port } = server.address() as net.AddressInfo;
-  await new Promise<void>((resolve) => server.close(() => resolve()));
-  return port;
-}
 
 /** Live worker processes of a pid: children running src/server.ts (tsx's esbuild service is a child too), from /proc. */
 function childrenOf(pid: number): number[] {

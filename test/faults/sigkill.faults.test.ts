@@ -9,7 +9,6 @@
 import { spawn, type ChildProcess } from 'node:child_process';
 import crypto from 'node:crypto';
 import fs from 'node:fs';
-import net from 'node:net';
 import os from 'node:os';
 import path from 'node:path';
 import type { CryptoKey } from 'jose';
@@ -21,7 +20,7 @@ import type { KekProvider } from '../../src/kek/kek.types.js';
 import { createLocalKekProvider } from '../../src/kek/local.provider.js';
 import { createTestDatabase, type TestDatabase } from '../support/db.js';
 import { newDeliveryKeyPair } from '../support/flow.js';
-import { expectEveryDeliverableVersionUnwraps, expectNoKeyLost, storedMaterial, until, type Deliveries } from './support.js';
+import { expectEveryDeliverableVersionUnwraps, expectNoKeyLost, freePort, storedMaterial, until, type Deliveries } from './support.js';
 
 const setup = inject('testDb');
 const DEVICES = 10_000;
@@ -30,14 +29,6 @@ interface Server {
   child: ChildProcess;
   output: string[];
   exited: Promise<number | null>;
-}
-
-async function freePort(): Promise<number> {
-  const server = net.createServer();
-  await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve));
-  const { port } = server.address() as net.AddressInfo;
-  await new Promise<void>((resolve) => server.close(() => resolve()));
-  return port;
 }
 
 describe.skipIf(setup.mode !== 'postgres')('the server SIGKILLed in the middle of a rotation run', () => {
