@@ -340,8 +340,14 @@ export interface ItemOutcome {
  */
 export async function finishItems(ex: RolloutExecutor, rolloutId: string, from: ItemStatus, items: readonly ItemOutcome[], now: Date): Promise<number> {
   if (items.length === 0) return 0;
+  const result = await itemOutcomesUpdate(rolloutId, from, items, now).execute(ex);
+  return Number(result.numAffectedRows ?? 0);
+}
+
+/** The UPDATE of finishItems, also the `items` step of writeDeviceChunk's one statement. */
+function itemOutcomesUpdate(rolloutId: string, from: ItemStatus, items: readonly ItemOutcome[], now: Date) {
   const keep = (v: unknown) => v === undefined; // undefined: the column keeps its value
-  const result = await sql`
+  return sql`
     update rollout_items as i
        set status = u.status,
            from_version = case when u.keep_versions then i.from_version else u.from_version end,
@@ -355,8 +361,7 @@ export async function finishItems(ex: RolloutExecutor, rolloutId: string, from: 
                   ${items.map((i) => (i.fields ? JSON.stringify(i.fields) : null))}::jsonb[], ${items.map((i) => keep(i.fields))}::boolean[],
                   ${items.map((i) => i.reason ?? null)}::text[], ${items.map(() => from)}::text[], ${items.map(() => rolloutId)}::text[])
            as u(device_id, status, from_version, to_version, keep_versions, fields, keep_fields, reason, from_status, rollout_id)
-     where i.rollout_id = u.rollout_id and i.device_id = u.device_id and i.status = u.from_status`.execute(ex);
-  return Number(result.numAffectedRows ?? 0);
+     where i.rollout_id = u.rollout_id and i.device_id = u.device_id and i.status = u.from_status`;
 }
 
 export async function listFailedItems(ex: RolloutExecutor, rolloutId: string, limit: number): Promise<Array<{ device_id: string; wave: number; status: ItemStatus; reason: string | null }>> {
@@ -521,7 +526,6 @@ export interface DeviceChunkWrites {
  */
 export async function writeDeviceChunk(ex: RolloutExecutor, rolloutId: string, w: DeviceChunkWrites, now: Date): Promise<{ moved: number; inserted: number; rewrapped: number; items: number }> {
   const { moves, inserts, rewraps, items } = w;
-  const keep = (v: unknown) => v === undefined;
   const { rows } = await sql<{ moved: number; inserted: number; rewrapped: number; items: number }>`
     with moved as (
       update device_versions as v
@@ -546,21 +550,7 @@ export async function writeDeviceChunk(ex: RolloutExecutor, rolloutId: string, w
        where v.device_id = u.device_id and v.field = u.field and v.version = u.version and v.parent_version = u.from_parent and v.wrapped_key is not null
       returning 1
     ), items as (
-      update rollout_items as i
-         set status = u.status,
-             from_version = case when u.keep_versions then i.from_version else u.from_version end,
-             to_version = case when u.keep_versions then i.to_version else u.to_version end,
-             fields = case when u.keep_fields then i.fields else u.fields end,
-             reason = u.reason,
-             updated_at = ${now}::timestamptz
-        from unnest(${items.map((i) => i.deviceId)}::text[], ${items.map((i) => i.status)}::text[],
-                    ${items.map((i) => i.fromVersion ?? null)}::int[], ${items.map((i) => i.toVersion ?? null)}::int[],
-                    ${items.map((i) => keep(i.fromVersion) && keep(i.toVersion))}::boolean[],
-                    ${items.map((i) => (i.fields ? JSON.stringify(i.fields) : null))}::jsonb[], ${items.map((i) => keep(i.fields))}::boolean[],
-                    ${items.map((i) => i.reason ?? null)}::text[], ${items.map(() => 'pending')}::text[], ${items.map(() => rolloutId)}::text[])
-             as u(device_id, status, from_version, to_version, keep_versions, fields, keep_fields, reason, from_status, rollout_id)
-       -- join conditions only, never constants (see finishItems)
-       where i.rollout_id = u.rollout_id and i.device_id = u.device_id and i.status = u.from_status
+      ${itemOutcomesUpdate(rolloutId, 'pending', items, now)}
       returning 1
     )
     select (select count(*) from moved) as moved, (select count(*) from inserted) as inserted,
