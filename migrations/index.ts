@@ -14,6 +14,7 @@ import * as rollouts from './20261121000700_rollouts.js';
 import * as graceRequiresAck from './20261121000800_grace_requires_ack.js';
 import * as auditBulk from './20261121000900_audit_bulk.js';
 import * as inlineRolloutBucket from './20261121001000_inline_rollout_bucket.js';
+import * as auditAppendIfHead from './20261122000100_audit_append_if_head.js';
 import * as auditLinksWindow from './20261121001300_audit_links_window.js';
 
 export const migrations: Record<string, Migration> = {
@@ -29,4 +30,5 @@ export const migrations: Record<string, Migration> = {
   '20261121000900_audit_bulk': auditBulk,
   '20261121001000_inline_rollout_bucket': inlineRolloutBucket,
   '20261121001300_audit_links_window': auditLinksWindow,
+  '20261122000100_audit_append_if_head': auditAppendIfHead,
 };

@@ -111,6 +111,25 @@ export async function updateHead(trx: Executor, head: ChainHead): Promise<void> 
   await trx.executeQuery(CompiledQuery.raw(UPDATE_HEAD, [head.position, head.hash]));
 }
 
+/**
+ * Append `events` in one statement if the head is still `expected` (migration
+ * 20261122000100_audit_append_if_head): `appended` false means nothing was written and `head`
+ * is where the chain really ends.
+ */
+const APPEND_IF_HEAD = preparedStatement(
+  'select head_position, head_hash, appended from audit_append_if_head($1::int8, $2::bytea, $3::timestamptz, $4::bytea, $5::text[], $6::text[], $7::text[], $8::text[], $9::text[], $10::text[])',
+);
+
+export async function appendIfHead(db: Executor, expected: ChainHead, events: NewAuditEvents): Promise<{ head: ChainHead; appended: boolean }> {
+  const row = (
+    await db.executeQuery<{ head_position: number | string; head_hash: Uint8Array; appended: boolean }>(
+      CompiledQuery.raw(APPEND_IF_HEAD, [expected.position, expected.hash, events.occurredAt, events.chain, events.actors, events.actions, events.outcomes, events.keyIds, events.details, events.requestIds]),
+    )
+  ).rows[0];
+  if (!row) throw new Error('audit_append_if_head returned no row');
+  return { head: { position: Number(row.head_position), hash: toBuffer(row.head_hash) }, appended: row.appended };
+}
+
 // ---- events ----
 
 /**

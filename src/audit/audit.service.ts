@@ -54,6 +54,8 @@ const HMAC_KEY_BYTES = 32;
 const KEY_WAIT_IN_TRANSACTION_MS = 1000;
 /** Events per INSERT statement of `record` (the next chunk is hashed while the server stores one). */
 const WRITE_CHUNK = 2000;
+/** Optimistic one-statement appends of a group commit tried before it takes the chain-head lock. */
+const OPTIMISTIC_ATTEMPTS = 3;
 
 export interface AuditLogger {
   info(obj: object, msg: string): void;
@@ -327,51 +329,18 @@ export function createAuditService(options: AuditServiceOptions): AuditService {
    * set-based INSERT per `WRITE_CHUNK` events. The INSERTs are pipelined: while the server
    * stores one chunk, the next one is hashed (the chain is sequential, so the hashing is not).
    */
-  async function append(trx: Executor, key: KeyObject, events: ReadonlyArray<PreparedEvent>): Promise<void> {
+  async function append(trx: Executor, key: KeyObject, events: ReadonlyArray<PreparedEvent>): Promise<repo.ChainHead> {
     const head = await repo.lockHead(trx);
     // read the clock under the lock, so time never goes backwards along the chain of one process
     const occurredAt = clock.now();
-    const time = canonicalTime(occurredAt);
     const count = events.length;
     let prevHash = head.hash;
     let failure: { error: unknown } | undefined;
     const inserts: Array<Promise<void>> = [];
     for (let start = 0; start < count && failure === undefined; start += WRITE_CHUNK) {
       const end = Math.min(start + WRITE_CHUNK, count);
-      const size = end - start;
-      const chunk: repo.NewAuditEvents = {
-        firstPosition: head.position + 1 + start,
-        occurredAt,
-        actors: new Array<string>(size),
-        actions: new Array<string>(size),
-        outcomes: new Array<AuditOutcome>(size),
-        keyIds: new Array<string | null>(size),
-        details: new Array<string>(size),
-        requestIds: new Array<string | null>(size),
-        chain: Buffer.alloc(HASH_BYTES * (size + 1)),
-      };
-      prevHash.copy(chunk.chain, 0);
-      for (let i = 0; i < size; i++) {
-        const event = events[start + i] as PreparedEvent;
-        const canonical = canonicalEvent({
-          position: chunk.firstPosition + i,
-          time,
-          actor: event.actor,
-          action: event.action,
-          outcome: event.outcome,
-          keyId: event.keyId,
-          detailsJson: event.detailsJson,
-          requestId: event.requestId,
-        });
-        chainHash(key, chunk.chain.subarray(HASH_BYTES * i, HASH_BYTES * (i + 1)), canonical).copy(chunk.chain, HASH_BYTES * (i + 1));
-        chunk.actors[i] = event.actor;
-        chunk.actions[i] = event.action;
-        chunk.outcomes[i] = event.outcome;
-        chunk.keyIds[i] = event.keyId;
-        chunk.details[i] = event.detailsJson;
-        chunk.requestIds[i] = event.requestId;
-      }
-      prevHash = Buffer.from(chunk.chain.subarray(HASH_BYTES * size));
+      const chunk = hashEvents(key, { position: head.position + start, hash: prevHash }, occurredAt, events.slice(start, end));
+      prevHash = Buffer.from(chunk.chain.subarray(HASH_BYTES * (end - start)));
       inserts.push(
         repo.insertEvents(trx, chunk).catch((error: unknown) => {
           failure ??= { error }; // the first failure; the later INSERTs then fail on the aborted transaction
@@ -382,7 +351,48 @@ export function createAuditService(options: AuditServiceOptions): AuditService {
     }
     await Promise.all(inserts);
     if (failure !== undefined) throw failure.error;
-    await repo.updateHead(trx, { position: head.position + count, hash: prevHash });
+    const newHead = { position: head.position + count, hash: prevHash };
+    await repo.updateHead(trx, newHead);
+    return newHead;
+  }
+
+  /** `events` as the rows that follow `after`: each event's canonical JSON hashed onto the one before. */
+  function hashEvents(key: KeyObject, after: repo.ChainHead, occurredAt: Date, events: ReadonlyArray<PreparedEvent>): repo.NewAuditEvents {
+    const time = canonicalTime(occurredAt);
+    const size = events.length;
+    const chunk: repo.NewAuditEvents = {
+      firstPosition: after.position + 1,
+      occurredAt,
+      actors: new Array<string>(size),
+      actions: new Array<string>(size),
+      outcomes: new Array<AuditOutcome>(size),
+      keyIds: new Array<string | null>(size),
+      details: new Array<string>(size),
+      requestIds: new Array<string | null>(size),
+      chain: Buffer.alloc(HASH_BYTES * (size + 1)),
+    };
+    after.hash.copy(chunk.chain, 0);
+    for (let i = 0; i < size; i++) {
+      const event = events[i] as PreparedEvent;
+      const canonical = canonicalEvent({
+        position: chunk.firstPosition + i,
+        time,
+        actor: event.actor,
+        action: event.action,
+        outcome: event.outcome,
+        keyId: event.keyId,
+        detailsJson: event.detailsJson,
+        requestId: event.requestId,
+      });
+      chainHash(key, chunk.chain.subarray(HASH_BYTES * i, HASH_BYTES * (i + 1)), canonical).copy(chunk.chain, HASH_BYTES * (i + 1));
+      chunk.actors[i] = event.actor;
+      chunk.actions[i] = event.action;
+      chunk.outcomes[i] = event.outcome;
+      chunk.keyIds[i] = event.keyId;
+      chunk.details[i] = event.detailsJson;
+      chunk.requestIds[i] = event.requestId;
+    }
+    return chunk;
   }
 
   async function record(executor: Executor, events: ReadonlyArray<AuditEventInput>): Promise<void> {
@@ -445,13 +455,34 @@ export function createAuditService(options: AuditServiceOptions): AuditService {
   async function commitBatch(batch: Waiter[]): Promise<void> {
     try {
       const key = await hmacKey.get();
-      await db.transaction().execute((trx) => append(trx, key, batch.flatMap((w) => w.events)));
+      await appendReads(key, batch.flatMap((w) => w.events));
       for (const waiter of batch) waiter.resolve();
     } catch (error) {
+      knownHead = undefined; // a failed statement may or may not have committed: read the head again
       logger.error({ err: error, requests: batch.length }, 'audit group commit failed: its requests fail closed');
       const failure = error instanceof AppError ? error : new UnavailableError('The audit log could not be written');
       for (const waiter of batch) waiter.reject(failure);
     }
+  }
+
+  /**
+   * The chain head as this process's group commit left it: the next batch is hashed onto it and
+   * appended in one statement (repo.appendIfHead) instead of BEGIN, lock, INSERT, update, COMMIT.
+   * Only when the head moved meanwhile (another process or a change's `record`) is the batch
+   * hashed again, onto the head the statement returned, with the clock read again; after
+   * OPTIMISTIC_ATTEMPTS such misses, or with no head known yet, it takes the lock first.
+   */
+  let knownHead: repo.ChainHead | undefined;
+
+  async function appendReads(key: KeyObject, events: ReadonlyArray<PreparedEvent>): Promise<void> {
+    if (events.length <= WRITE_CHUNK) {
+      for (let attempt = 0; attempt < OPTIMISTIC_ATTEMPTS && knownHead !== undefined; attempt++) {
+        const result = await repo.appendIfHead(db, knownHead, hashEvents(key, knownHead, clock.now(), events));
+        knownHead = result.head;
+        if (result.appended) return;
+      }
+    }
+    knownHead = await db.transaction().execute((trx) => append(trx, key, events));
   }
 
   // ---- checkpoints ----
