@@ -20,6 +20,7 @@ import { deliveryRoutes } from './delivery/delivery.routes.js';
 import { createDistribution } from './distribution/distribution.service.js';
 import { distributionRoutes } from './distribution/distribution.routes.js';
 import { createKeyFetchService } from './delivery/key-fetch.service.js';
+import { createJweEncryptor } from './crypto/jwe-threads.js';
 import { ForbiddenError } from './http/errors.js';
 import { frameworkErrors, registerErrorHandling } from './http/error-handler.js';
 import { healthRoutes } from './http/health.routes.js';
@@ -110,11 +111,14 @@ export async function buildApp(deps: AppDeps): Promise<KeystrataApp> {
   const rotation = createRotation({ db: database.db, kek, material, audit, clock, logger: deps.logger, registry: metrics.registry, mqttEnabled: config.mqtt !== undefined });
   const lifecycle = createDeviceLifecycleService({ db: database.db, material, audit, clock, keys, policy: lifecyclePolicyLookup(rotation.policies) });
   const clients = createClientService({ db: database.db, audit, clock, cacheSeconds: config.deliveryKeyCacheSeconds });
+  const jwe = createJweEncryptor(config.deliveryJweThreads);
+  app.addHook('onClose', async () => jwe.close());
   const fetch = createKeyFetchService({
     db: database.db,
     material,
     clients,
     audit,
+    jwe,
     onDelivered: (kind, keyCount) => {
       metrics.keyDeliveries.inc({ kind });
       metrics.deliveredKeys.inc(keyCount);

@@ -18,6 +18,8 @@ export interface Config {
   workers: number;
   /** how long a client's imported delivery key is reused before the row is read again (0: every request) */
   deliveryKeyCacheSeconds: number;
+  /** worker threads that encrypt delivery JWEs (0: on the event loop); see crypto/jwe-threads.ts */
+  deliveryJweThreads: number;
   /** every PostgreSQL query's deadline in ms (0: none); see db/database.ts */
   databaseQueryTimeoutMs: number;
   migrateOnStart: boolean;
@@ -89,6 +91,7 @@ export const SETTINGS: ReadonlyArray<{ name: string; default: string; meaning: s
   { name: 'AUTH_CLOCK_TOLERANCE_SECONDS', default: '30', meaning: 'allowed clock skew when checking exp/nbf' },
   { name: 'KEY_CACHE_TTL_SECONDS', default: '3600', meaning: 'how long unwrapped parent keys stay in memory' },
   { name: 'DELIVERY_KEY_CACHE_SECONDS', default: '5', meaning: "how long a client's (public) delivery key is reused without reading it again (0: read on every fetch). A change made through this process applies at once; other replicas and workers see it within this time" },
+  { name: 'DELIVERY_JWE_THREADS', default: '1', meaning: 'worker threads that encrypt key deliveries (the ephemeral key agreement of every JWE) beside the event loop; 0: on the event loop' },
   { name: 'KEY_CACHE_MAX_ENTRIES', default: '100000', meaning: 'size bound of the unwrapped parent key cache' },
   { name: 'AUDIT_CHECKPOINT_INTERVAL_SECONDS', default: '3600', meaning: 'how often the server signs an audit checkpoint (only when the chain grew)' },
   { name: 'BODY_LIMIT_BYTES', default: '1048576', meaning: 'largest accepted request body' },
@@ -181,6 +184,7 @@ export function loadConfig(env: Env = process.env): Readonly<Config> {
     databasePoolSize: int('DATABASE_POOL_SIZE', 10, 1, 500),
     workers: int('KEYSTRATA_WORKERS', 1, 1, 64),
     deliveryKeyCacheSeconds: int('DELIVERY_KEY_CACHE_SECONDS', 5, 0, 300),
+    deliveryJweThreads: int('DELIVERY_JWE_THREADS', 1, 0, 16),
     databaseQueryTimeoutMs: int('DATABASE_QUERY_TIMEOUT_MS', 30_000, 0, 3_600_000),
     migrateOnStart: bool('KEYSTRATA_MIGRATE_ON_START', true),
     rootKey,

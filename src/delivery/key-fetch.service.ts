@@ -7,7 +7,8 @@
 import type { Kysely } from 'kysely';
 import type { AuditSink } from '../audit/audit.types.js';
 import { canReachGroup, hasScope, type Principal } from '../auth/principal.js';
-import { encryptKeySet, type DeliveredKey, type DeliveryKey } from '../crypto/jwe.js';
+import type { DeliveredKey, DeliveryKey } from '../crypto/jwe.js';
+import type { JweEncryptor } from '../crypto/jwe-threads.js';
 import { fieldKeyId } from '../crypto/binding.js';
 import type { DB } from '../db/database.js';
 import { ConflictError, ForbiddenError, GoneError, NotFoundError } from '../http/errors.js';
@@ -46,6 +47,7 @@ export function createKeyFetchService(deps: {
   material: KeyMaterial;
   clients: ClientService;
   audit: AuditSink;
+  jwe: JweEncryptor;
   onDelivered?: (kind: 'single' | 'bulk', keyCount: number) => void;
 }) {
   const { db, material, clients, audit } = deps;
@@ -101,7 +103,7 @@ export function createKeyFetchService(deps: {
     missingCount = 0,
   ): Promise<{ jwe: string }> {
     try {
-      const jwe = await encryptKeySet(delivery.key, delivery.kid, delivered);
+      const jwe = await deps.jwe.encrypt(delivery.key, delivery.kid, delivered);
       // fail closed: no audit row, no keys
       await audit.recordRead([
         {
