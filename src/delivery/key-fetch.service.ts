@@ -11,6 +11,7 @@ import type { DeliveredKey, DeliveryKey } from '../crypto/jwe.js';
 import type { JweEncryptor } from '../crypto/jwe-threads.js';
 import { fieldKeyId } from '../crypto/binding.js';
 import type { DB } from '../db/database.js';
+import { createCoalescedReader } from '../db/coalesced-reads.js';
 import { ConflictError, ForbiddenError, GoneError, NotFoundError } from '../http/errors.js';
 import type { KeyMaterial } from '../keys/key-material.js';
 import * as keys from '../keys/key.repository.js';
@@ -51,10 +52,13 @@ export function createKeyFetchService(deps: {
   onDelivered?: (kind: 'single' | 'bulk', keyCount: number) => void;
 }) {
   const { db, material, clients, audit } = deps;
+  // single fetches arriving together read their devices in one query (db/coalesced-reads.ts)
+  const deviceReader = createCoalescedReader({ read: (ids) => fetchRepo.listDevicesWithVersions(db, ids), idOf: (row) => row.device_id, maxIds: MAX_FETCH_ITEMS });
+  const fieldReader = createCoalescedReader({ read: (ids) => fetchRepo.listFieldVersions(db, ids), idOf: (row) => row.device_id, maxIds: MAX_FETCH_ITEMS });
 
   /** GET /v1/devices/{id}/keys and /fields/{field}/keys: one item, errors as HTTP problems. */
   async function fetchOne(principal: Principal, requestId: string, item: FetchItem): Promise<{ jwe: string }> {
-    const [delivery, rows] = await Promise.all([requireDeliveryKey(principal), loadRows([item])]);
+    const [delivery, rows] = await Promise.all([requireDeliveryKey(principal), loadRowsOf(item)]);
     const { keys: delivered, missing } = await resolve(principal, [item], rows);
     const miss = missing[0];
     if (miss) {
@@ -119,6 +123,12 @@ export function createKeyFetchService(deps: {
     } finally {
       for (const k of delivered) k.key.fill(0);
     }
+  }
+
+  /** The rows of one item, read together with the other single fetches in flight. */
+  async function loadRowsOf(item: FetchItem): Promise<LoadedRows> {
+    const [deviceRows, fieldVersions] = await Promise.all([deviceReader.load(item.deviceId), item.field === undefined ? [] : fieldReader.load(item.deviceId)]);
+    return { deviceRows, fieldVersions };
   }
 
   /** Every row a request may need, in two queries run side by side (devices with their versions; field versions). */
