@@ -434,12 +434,18 @@ export function createAuditService(options: AuditServiceOptions): AuditService {
   /** One writer: drains the queue batch after batch (what arrives during a commit forms the next batch). */
   function startWriter(): void {
     batchTimer = undefined;
-    if (writing !== undefined) return;
+    // with an empty queue the function below would clear `writing` before it is assigned
+    if (writing !== undefined || queue.length === 0) return;
     writing = (async () => {
-      while (queue.length > 0) await commitBatch(takeBatch());
-    })().finally(() => {
-      writing = undefined;
-    });
+      try {
+        while (queue.length > 0) await commitBatch(takeBatch());
+      } finally {
+        // cleared in the same turn as the last queue check: with a `.finally` callback (a later
+        // microtask) a recordRead in between saw a writer still running, started none, and its
+        // event waited until some later event started a writer
+        writing = undefined;
+      }
+    })();
   }
 
   function takeBatch(): Waiter[] {
