@@ -12,7 +12,7 @@
  */
 import { constants, promises as fs } from 'node:fs';
 import path from 'node:path';
-import { createPrivateKey, createPublicKey, generateKeyPairSync, randomBytes, randomUUID, type KeyObject } from 'node:crypto';
+import { createPrivateKey, createPublicKey, generateKeyPairSync, randomBytes, randomUUID, type JsonWebKey, type KeyObject } from 'node:crypto';
 import { calculateJwkThumbprint, SignJWT, type JSONWebKeySet, type JWK } from 'jose';
 import { GROUP_ID_PATTERN, isScope, type Scope } from './principal.js';
 
@@ -128,7 +128,8 @@ async function readKeyFile(file: string): Promise<Ed25519PrivateJwk | undefined>
 }
 
 async function createKeyFile(file: string): Promise<Ed25519PrivateJwk> {
-  const jwk = generateKeyPairSync('ed25519').privateKey.export({ format: 'jwk' });
+  // exported by the generation itself: a later export of a generated key can deadlock on Node 20 (crypto/jwe.ts generateEphemeralKeyPair)
+  const jwk = generateKeyPairSync('ed25519', { privateKeyEncoding: { format: 'jwk' } as never }).privateKey as unknown as JsonWebKey;
   const tmp = `${file}.${process.pid}.${randomBytes(8).toString('hex')}.tmp`;
   const handle = await fs.open(tmp, 'wx', 0o600);
   try {

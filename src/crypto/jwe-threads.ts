@@ -10,10 +10,10 @@
  * The payload (the JWK Set, plaintext keys inside) is moved to the thread, not copied, and
  * zeroed there. A thread that dies, or holds a delivery past TASK_DEADLINE_MS, fails the
  * deliveries it held (503, retryable) and is replaced on the next call: a stuck thread must not
- * hold every request that reaches it. Threads are unref'd once, at start, so they never keep the
- * process alive (a server is kept alive by its listening socket). Not ref'd and unref'd per
- * delivery: toggling that on every idle moment coincided with replies that never arrived under
- * load in the benchmark (issue 7), and it buys nothing in a server.
+ * hold every request that reaches it (the replies that never came in issue 7's benchmark were a
+ * thread deadlocked in Node's JWK export, fixed in jwe.ts generateEphemeralKeyPair; the
+ * deadline stays as the guard against the next such fault). Threads are unref'd once, at
+ * start, so they never keep the process alive (a server is kept alive by its listening socket).
  * Under tsx or vitest the thread loads the TypeScript source through tsx; compiled, the
  * JavaScript next to this module.
  */

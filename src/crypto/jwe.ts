@@ -96,8 +96,7 @@ export function encryptPayload(deliveryKey: DeliveryKey, deliveryKid: string, pa
   const iv = random.subarray(32);
   let kek: Buffer | undefined;
   try {
-    const ephemeral =
-      deliveryKey.jwk.kty === 'OKP' ? crypto.generateKeyPairSync('x25519') : crypto.generateKeyPairSync('ec', { namedCurve: 'prime256v1' });
+    const ephemeral = generateEphemeralKeyPair(deliveryKey.jwk.kty);
     const z = crypto.diffieHellman({ privateKey: ephemeral.privateKey, publicKey: deliveryKey.publicKey });
     kek = concatKdf(z);
     z.fill(0);
@@ -194,8 +193,27 @@ function lengthPrefixed(data: Buffer): Buffer {
   return Buffer.concat([uint32(data.length), data]);
 }
 
-function ephemeralPublicJwk(publicKey: KeyObject, kty: DeliveryJwk['kty']): Record<string, string> {
-  const jwk = publicKey.export({ format: 'jwk' });
+/**
+ * A fresh ephemeral key pair, its public half exported as a JWK by the key generation itself.
+ * Not `publicKey.export({ format: 'jwk' })` afterwards: on Node 20 that export holds the key's
+ * mutex while it allocates, and a garbage collection there that frees the finished generation
+ * job (which locks the same mutex as it is destroyed) deadlocks the thread for good. It hung
+ * the event loop or the JWE thread once in every 5,000–30,000 deliveries here (issue 7; gdb showed
+ * ExportJWKEdKey -> CollectGarbage -> ~KeyGenJob -> uv_mutex_lock).
+ */
+function generateEphemeralKeyPair(kty: DeliveryJwk['kty']): { privateKey: KeyObject; publicKey: crypto.JsonWebKey } {
+  // Node supports the 'jwk' encoding here; @types/node does not declare it
+  const publicKeyEncoding = { format: 'jwk' } as never;
+  const pair = (
+    kty === 'OKP'
+      ? crypto.generateKeyPairSync('x25519', { publicKeyEncoding })
+      : crypto.generateKeyPairSync('ec', { namedCurve: 'prime256v1', publicKeyEncoding } as crypto.ECKeyPairKeyObjectOptions)
+  ) as unknown as { privateKey: KeyObject; publicKey: crypto.JsonWebKey };
+  if (typeof pair.publicKey.x !== 'string') throw new Error('The ephemeral public key was not exported as a JWK');
+  return pair;
+}
+
+function ephemeralPublicJwk(jwk: crypto.JsonWebKey, kty: DeliveryJwk['kty']): Record<string, string> {
   return kty === 'OKP' ? { kty: 'OKP', crv: 'X25519', x: jwk.x as string } : { kty: 'EC', crv: 'P-256', x: jwk.x as string, y: jwk.y as string };
 }
 
