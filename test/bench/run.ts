@@ -78,6 +78,8 @@ const S = {
   runtime: env.BENCH_RUNTIME === 'tsx' ? ('tsx' as const) : ('dist' as const),
   /** the server's KEYSTRATA_WORKERS (node:cluster processes sharing the port) */
   workers: int('BENCH_WORKERS', 1),
+  /** the server's DELIVERY_JWE_THREADS (unset: the server's default) */
+  jweThreads: env.BENCH_JWE_THREADS,
   /** also measure figure 2 with the server at LOG_LEVEL=warn (request logging off): info costs ~30 % of the requests' CPU */
   logCompare: env.BENCH_LOG_COMPARE === undefined || env.BENCH_LOG_COMPARE === '' ? !QUICK : env.BENCH_LOG_COMPARE === '1',
   /** server figures to run under --cpu-prof: `1` means figure 2 (`single`), else a list (`enrol,single,bulk-fetch`) */
@@ -186,7 +188,7 @@ async function startServer(database: ScratchDatabase, dataDir: string, options: 
   // one profile per thread (tsx's module loader runs in a worker); the main thread's is `CPU.<date>.<time>.<pid>.0.<seq>.cpuprofile`
   const nodeArgs = options.cpuProfile ? ['--cpu-prof', `--cpu-prof-dir=${options.cpuProfile}`] : [];
   const child = startNode(serverEntry(), [], {
-    env: baseEnv({ DATABASE_URL: database.url, KEYSTRATA_DATA_DIR: dataDir, PORT: String(port), HOST: '127.0.0.1', LOG_LEVEL: options.logLevel, RATE_LIMIT_ENABLED: 'false', KEYSTRATA_WORKERS: String(S.workers) }),
+    env: baseEnv({ DATABASE_URL: database.url, KEYSTRATA_DATA_DIR: dataDir, PORT: String(port), HOST: '127.0.0.1', LOG_LEVEL: options.logLevel, RATE_LIMIT_ENABLED: 'false', KEYSTRATA_WORKERS: String(S.workers), ...(S.jweThreads !== undefined ? { DELIVERY_JWE_THREADS: S.jweThreads } : {}) }),
     logFile,
     nodeArgs,
   });
@@ -498,6 +500,13 @@ async function serverFigures(bareRps: number | undefined): Promise<void> {
     const last = server as Server | undefined;
     const rss = last ? peakRss(last.child.pid) : undefined;
     if (rss !== undefined) log(`keystrata server peak RSS (last server process): ${Math.round(rss / 2 ** 20)} MB`);
+  } catch (error) {
+    // the server's logs are in dataDir, removed below: keep them for the post-mortem
+    const kept = path.join(RESULTS_DIR, 'server-logs', new Date().toISOString().replace(/[:.]/g, '-'));
+    fs.mkdirSync(kept, { recursive: true });
+    for (const file of fs.readdirSync(dataDir).filter((f) => f.endsWith('.log'))) fs.copyFileSync(path.join(dataDir, file), path.join(kept, file));
+    log(`the server logs of the failed figures are kept in ${path.relative(REPO_ROOT, kept)}`);
+    throw error;
   } finally {
     await server?.stop();
     await database.drop();
