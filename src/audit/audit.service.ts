@@ -76,7 +76,7 @@ export interface AuditServiceOptions {
   checkpointIntervalMs?: number | undefined;
   /** events read per query by `verify` (default 5,000) */
   verifyPageSize?: number | undefined;
-  /** worker threads recomputing HMACs for `verify` (default: the CPUs available, at most 4; 0: none) */
+  /** worker threads recomputing HMACs for `verify` (default: one fewer than the CPUs available, 1 to 4; 0: none) */
   verifyWorkers?: number | undefined;
   /** shortest walk handed to the workers (default 20,000 events; shorter ones run on this thread) */
   verifyParallelMin?: number | undefined;
@@ -268,7 +268,9 @@ export function createAuditService(options: AuditServiceOptions): AuditService {
   const batchWindowMs = options.batchWindowMs ?? 5;
   const maxBatchEvents = options.maxBatchEvents ?? 5000;
   const verifyPageSize = options.verifyPageSize ?? 5000;
-  const verifyWorkers = options.verifyWorkers ?? Math.min(os.availableParallelism(), 4);
+  // one CPU left to this thread (it reads the pages and hands them over) and PostgreSQL: on 2
+  // CPUs, 2 workers made PostgreSQL spend ~2.5x the CPU per event and verify ran slower (issue 7)
+  const verifyWorkers = options.verifyWorkers ?? Math.max(1, Math.min(os.availableParallelism() - 1, 4));
   const verifyParallelMin = options.verifyParallelMin ?? 20_000;
 
   // ---- keys ----
