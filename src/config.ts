@@ -22,6 +22,8 @@ export interface Config {
   deliveryJweThreads: number;
   /** every PostgreSQL query's deadline in ms (0: none); see db/database.ts */
   databaseQueryTimeoutMs: number;
+  /** the longest a SIGTERM/SIGINT shutdown may take before the process kills itself; see shutdown.ts */
+  shutdownTimeoutMs: number;
   migrateOnStart: boolean;
   rootKey: Buffer | undefined;
   vault:
@@ -74,6 +76,7 @@ export const SETTINGS: ReadonlyArray<{ name: string; default: string; meaning: s
   { name: 'DATABASE_POOL_SIZE', default: '10', meaning: 'maximum PostgreSQL connections per process' },
   { name: 'KEYSTRATA_WORKERS', default: '1', meaning: 'HTTP worker processes (node:cluster) sharing the port; more than 1 needs DATABASE_URL (PGlite is single-process). Pools and rate limits are per worker' },
   { name: 'DATABASE_QUERY_TIMEOUT_MS', default: '30000', meaning: 'deadline of one PostgreSQL query (0: none); past it the request gets a 503 and the connection is dropped (a network partition would otherwise hold it forever). Migrations at start-up run under it too: raise it for a long one' },
+  { name: 'SHUTDOWN_TIMEOUT_MS', default: '8000', meaning: 'the longest a shutdown (SIGTERM, SIGINT) may take: past it, or on a second signal, the process kills itself with SIGKILL (a worker thread stuck in native code would otherwise keep it, and its port, forever). Keep it below the orchestrator\'s grace period (docker stop: 10 s, Kubernetes: 30 s)' },
   { name: 'KEYSTRATA_MIGRATE_ON_START', default: 'true', meaning: 'apply pending migrations at start-up' },
   { name: 'KEYSTRATA_ROOT_KEY', default: 'unset → key file in the data dir', meaning: 'base64 32-byte root key of the local KEK provider' },
   { name: 'VAULT_ADDR', default: 'unset → local KEK provider', meaning: 'Vault or OpenBao address' },
@@ -186,6 +189,7 @@ export function loadConfig(env: Env = process.env): Readonly<Config> {
     deliveryKeyCacheSeconds: int('DELIVERY_KEY_CACHE_SECONDS', 5, 0, 300),
     deliveryJweThreads: int('DELIVERY_JWE_THREADS', 1, 0, 16),
     databaseQueryTimeoutMs: int('DATABASE_QUERY_TIMEOUT_MS', 30_000, 0, 3_600_000),
+    shutdownTimeoutMs: int('SHUTDOWN_TIMEOUT_MS', 8_000, 100, 600_000),
     migrateOnStart: bool('KEYSTRATA_MIGRATE_ON_START', true),
     rootKey,
     vault:

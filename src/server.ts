@@ -9,12 +9,14 @@
  * right after their start (then the primary gives up rather than spin).
  */
 import cluster, { type Worker } from 'node:cluster';
+import pino from 'pino';
 import { buildApp } from './app.js';
 import { auditRoutes } from './audit/audit.routes.js';
 import { ConfigError, loadConfig } from './config.js';
 import { loadHttpsOptions } from './http/tls.js';
 import { createLogger } from './logger.js';
 import { createRuntime } from './runtime.js';
+import { createShutdown } from './shutdown.js';
 
 async function main(): Promise<void> {
   let config;
@@ -38,18 +40,16 @@ async function main(): Promise<void> {
     plugins: [async (instance) => instance.register(auditRoutes, { audit: runtime.audit })],
   });
 
-  let closing = false;
-  const shutdown = async (signal: string) => {
-    if (closing) return;
-    closing = true;
-    logger.info({ signal }, 'shutting down');
-    try {
+  const shutdown = createShutdown({
+    // written synchronously, as the process may SIGKILL itself right after a line (the main
+    // logger's stdout stream is asynchronous, and a queued line would die with the process)
+    logger: createLogger(config.logLevel, pino.destination({ dest: 1, sync: true })),
+    timeoutMs: config.shutdownTimeoutMs,
+    close: async () => {
       await app.close();
       await runtime.close();
-    } finally {
-      process.exit(0);
-    }
-  };
+    },
+  });
   process.on('SIGTERM', () => void shutdown('SIGTERM'));
   process.on('SIGINT', () => void shutdown('SIGINT'));
 
@@ -63,7 +63,7 @@ async function main(): Promise<void> {
   else logger.info({ broker: config.mqtt.endpoint, clientId: config.mqtt.clientId }, 'key distribution publisher started');
 }
 
-/** Fork `count` workers (the first alone), replace the ones that die, pass SIGTERM/SIGINT on. */
+/** Fork `count` workers (the first alone), replace the ones that die, pass every SIGTERM/SIGINT on. */
 function superviseWorkers(count: number, logger: ReturnType<typeof createLogger>): void {
   let stopping = false;
   const QUICK_DEATH_MS = 5000;
@@ -72,7 +72,16 @@ function superviseWorkers(count: number, logger: ReturnType<typeof createLogger>
     const worker = cluster.fork({ KEYSTRATA_WORKER_INDEX: String(index) });
     const startedAt = Date.now();
     worker.on('exit', (code, signal) => {
-      if (stopping) return;
+      if (stopping) {
+        // a worker that had to kill itself (the shutdown deadline, a second signal) may have cut
+        // requests short: say so, and make the primary's exit code say so too. One still starting
+        // dies of the forwarded signal itself (no handler yet), which cuts nothing short.
+        if (signal === 'SIGKILL' || (code !== null && code !== 0)) {
+          logger.error({ worker: index, pid: worker.process.pid, code, signal }, 'worker did not stop cleanly');
+          process.exitCode = 1;
+        }
+        return;
+      }
       quickDeaths = Date.now() - startedAt < QUICK_DEATH_MS ? quickDeaths + 1 : 0;
       logger.error({ worker: index, pid: worker.process.pid, code, signal }, 'worker exited');
       if (quickDeaths >= 3) {
@@ -90,10 +99,10 @@ function superviseWorkers(count: number, logger: ReturnType<typeof createLogger>
   first.once('listening', () => {
     for (let index = 1; index < count; index++) fork(index);
   });
+  // every signal is passed on, a second one too: each worker stops at once on its second signal
   const stop = (signal: NodeJS.Signals) => {
-    if (stopping) return;
+    logger.info({ signal, workers: count }, stopping ? 'stopping workers now' : 'stopping workers');
     stopping = true;
-    logger.info({ signal, workers: count }, 'stopping workers');
     for (const w of Object.values(cluster.workers ?? {})) w?.process.kill(signal);
   };
   process.on('SIGTERM', () => stop('SIGTERM'));

@@ -3,8 +3,9 @@
  * node:cluster primary with two workers on this file's database. Both workers serve key
  * fetches (each delivered key equals the stored material, unwrapped independently), a worker
  * killed with SIGKILL is replaced while the other keeps serving, the audit chain written by both
- * verifies, and SIGTERM to the primary stops every process cleanly. PGlite refuses more than one
- * worker at configuration time.
+ * verifies, and SIGTERM to the primary stops every process cleanly. Workers whose requests cannot
+ * finish kill themselves at SHUTDOWN_TIMEOUT_MS, or at once on a second signal, and the primary
+ * exits with 1 saying so. PGlite refuses more than one worker at configuration time.
  */
 import { spawn, type ChildProcess } from 'node:child_process';
 import crypto from 'node:crypto';
@@ -12,6 +13,7 @@ import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import type { CryptoKey } from 'jose';
+import pg from 'pg';
 import { afterAll, beforeAll, describe, expect, inject, it } from 'vitest';
 import { loadOrCreateDevIssuer } from '../../src/auth/dev-issuer.js';
 import { ConfigError, loadConfig } from '../../src/config.js';
@@ -46,6 +48,39 @@ function cpuTicks(pid: number): number {
   const stat = fs.readFileSync(`/proc/${pid}/stat`, 'utf8');
   const fields = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
   return Number(fields[11]) + Number(fields[12]);
+}
+
+/** The real server as a cluster primary with two workers; resolves once both listen. */
+async function startPrimary(options: { databaseUrl: string; dataDir: string; rootKey: Buffer; port: number; output: string[]; env?: Record<string, string> }): Promise<{ primary: ChildProcess; exited: Promise<number | null> }> {
+  const env: Record<string, string> = {
+    PATH: process.env.PATH ?? '/usr/bin:/bin',
+    HOME: process.env.HOME ?? os.tmpdir(),
+    DATABASE_URL: options.databaseUrl,
+    KEYSTRATA_DATA_DIR: options.dataDir,
+    KEYSTRATA_ROOT_KEY: options.rootKey.toString('base64'),
+    KEYSTRATA_WORKERS: '2',
+    PORT: String(options.port),
+    HOST: '127.0.0.1',
+    LOG_LEVEL: 'info',
+    ...options.env,
+  };
+  const primary = spawn(process.execPath, ['--import', 'tsx', 'src/server.ts'], { cwd: process.cwd(), env, stdio: ['ignore', 'pipe', 'pipe'] });
+  primary.stdout!.on('data', (chunk: Buffer) => options.output.push(chunk.toString('utf8')));
+  primary.stderr!.on('data', (chunk: Buffer) => options.output.push(chunk.toString('utf8')));
+  const exited = new Promise<number | null>((resolve) => primary.on('exit', (code) => resolve(code)));
+  await until(async () => {
+    if (primary.exitCode !== null) throw new Error(`the server exited: ${options.output.join('')}`);
+    return childrenOf(primary.pid!).length === 2 && options.output.join('').split('keystrata is listening').length === 3;
+  }, 90_000, 100);
+  return { primary, exited };
+}
+
+function killPrimaryAndWorkers(primary: ChildProcess | undefined): void {
+  if (primary && primary.exitCode === null && primary.signalCode === null) {
+    const workers = childrenOf(primary.pid!);
+    primary.kill('SIGKILL');
+    for (const pid of workers) process.kill(pid, 'SIGKILL');
+  }
 }
 
 describe('KEYSTRATA_WORKERS configuration', () => {
@@ -102,25 +137,7 @@ describe.skipIf(setup.mode !== 'postgres')('the server with KEYSTRATA_WORKERS=2'
     direct = createPostgresDatabase(target.url!, 3);
     dataDir = fs.mkdtempSync(path.join(os.tmpdir(), 'keystrata-cluster-'));
     port = await freePort();
-    const env: Record<string, string> = {
-      PATH: process.env.PATH ?? '/usr/bin:/bin',
-      HOME: process.env.HOME ?? os.tmpdir(),
-      DATABASE_URL: target.url!,
-      KEYSTRATA_DATA_DIR: dataDir,
-      KEYSTRATA_ROOT_KEY: rootKey.toString('base64'),
-      KEYSTRATA_WORKERS: '2',
-      PORT: String(port),
-      HOST: '127.0.0.1',
-      LOG_LEVEL: 'info',
-    };
-    primary = spawn(process.execPath, ['--import', 'tsx', 'src/server.ts'], { cwd: process.cwd(), env, stdio: ['ignore', 'pipe', 'pipe'] });
-    primary.stdout!.on('data', (chunk: Buffer) => output.push(chunk.toString('utf8')));
-    primary.stderr!.on('data', (chunk: Buffer) => output.push(chunk.toString('utf8')));
-    exited = new Promise((resolve) => primary.on('exit', (code) => resolve(code)));
-    await until(async () => {
-      if (primary.exitCode !== null) throw new Error(`the server exited: ${output.join('')}`);
-      return childrenOf(primary.pid!).length === 2 && output.join('').split('keystrata is listening').length === 3;
-    }, 90_000, 100);
+    ({ primary, exited } = await startPrimary({ databaseUrl: target.url!, dataDir, rootKey, port, output }));
     const issuer = await loadOrCreateDevIssuer(dataDir);
     admin = await issuer.mintToken({ sub: 'cluster-admin', scopes: ['keystrata:admin'], groups: [], ttlSeconds: 3600, issuer: 'keystrata-dev', audience: 'keystrata' });
     const pair = await newDeliveryKeyPair('X25519');
@@ -132,10 +149,7 @@ describe.skipIf(setup.mode !== 'postgres')('the server with KEYSTRATA_WORKERS=2'
   }, 180_000);
 
   afterAll(async () => {
-    if (primary && primary.exitCode === null && primary.signalCode === null) {
-      primary.kill('SIGKILL');
-      for (const pid of childrenOf(primary.pid!)) process.kill(pid, 'SIGKILL');
-    }
+    killPrimaryAndWorkers(primary);
     await direct?.close();
     await target?.close();
     if (dataDir) fs.rmSync(dataDir, { recursive: true, force: true });
@@ -178,4 +192,87 @@ describe.skipIf(setup.mode !== 'postgres')('the server with KEYSTRATA_WORKERS=2'
     expect(await exited).toBe(0);
     for (const pid of workers) expect(fs.existsSync(`/proc/${pid}`) && fs.readFileSync(`/proc/${pid}/stat`, 'utf8').includes(') Z')).toBe(false);
   }, 60_000);
+});
+
+describe.skipIf(setup.mode !== 'postgres')('the server with KEYSTRATA_WORKERS=2, when requests hold up its shutdown', () => {
+  let target: TestDatabase;
+  let locker: pg.Client | undefined;
+  const dataDirs: string[] = [];
+  const primaries: ChildProcess[] = [];
+  // one root key for the database: the server refuses to start with another one than its KEK's
+  const rootKey = crypto.randomBytes(32);
+
+  beforeAll(async () => {
+    target = await createTestDatabase();
+  }, 60_000);
+
+  afterAll(async () => {
+    for (const primary of primaries) killPrimaryAndWorkers(primary);
+    await locker?.end().catch(() => undefined);
+    await target?.close();
+    for (const dir of dataDirs) fs.rmSync(dir, { recursive: true, force: true });
+  });
+
+  /**
+   * A cluster whose workers each hold in-flight requests that cannot finish: a transaction of the
+   * test's own holds an exclusive lock on key_groups, and every worker is listing groups. Closing
+   * waits for in-flight requests, so neither worker can finish its shutdown on its own.
+   */
+  async function startStuckCluster(env: Record<string, string>): Promise<{ primary: ChildProcess; exited: Promise<number | null>; output: string[] }> {
+    const dataDir = fs.mkdtempSync(path.join(os.tmpdir(), 'keystrata-cluster-'));
+    dataDirs.push(dataDir);
+    const output: string[] = [];
+    const port = await freePort();
+    // the lock of the test before, released: start-up reads key_groups too
+    await locker?.end();
+    locker = undefined;
+    const started = await startPrimary({ databaseUrl: target.url!, dataDir, rootKey, port, output, env });
+    primaries.push(started.primary);
+    const issuer = await loadOrCreateDevIssuer(dataDir);
+    const admin = await issuer.mintToken({ sub: 'cluster-admin', scopes: ['keystrata:admin'], groups: [], ttlSeconds: 3600, issuer: 'keystrata-dev', audience: 'keystrata' });
+    locker = new pg.Client({ connectionString: target.url! });
+    await locker.connect();
+    await locker.query('BEGIN');
+    await locker.query('LOCK TABLE key_groups IN ACCESS EXCLUSIVE MODE');
+    // new connections go to the workers in turn: eight of them reach both
+    for (let i = 0; i < 8; i++) {
+      void fetch(`http://127.0.0.1:${port}/v1/groups`, { headers: { authorization: `Bearer ${admin}`, connection: 'close' } }).catch(() => undefined);
+    }
+    await until(async () => {
+      const waiting = await locker!.query<{ n: number }>(`SELECT count(*)::int AS n FROM pg_locks WHERE NOT granted AND relation = 'key_groups'::regclass`);
+      return waiting.rows[0]!.n >= 2;
+    }, 30_000, 50);
+    return { ...started, output };
+  }
+
+  const count = (log: string, text: string) => log.split(text).length - 1;
+
+  it('when SIGTERM finds the workers unable to finish within SHUTDOWN_TIMEOUT_MS, then each kills itself at the deadline and the primary reports it and exits with 1', async () => {
+    const { primary, exited, output } = await startStuckCluster({ SHUTDOWN_TIMEOUT_MS: '1000' });
+    const workers = childrenOf(primary.pid!);
+    const signalledAt = Date.now();
+    primary.kill('SIGTERM');
+    expect(await exited).toBe(1);
+    const elapsed = Date.now() - signalledAt;
+    const log = output.join('');
+    expect(count(log, 'shutdown did not finish within SHUTDOWN_TIMEOUT_MS: killing the process'), log).toBe(2);
+    expect(count(log, 'worker did not stop cleanly'), log).toBe(2);
+    expect(log).toContain('"signal":"SIGKILL"');
+    expect(elapsed).toBeGreaterThanOrEqual(1000);
+    expect(elapsed, 'the stuck requests, not the deadline, ended the shutdown (query timeout 30 s)').toBeLessThan(20_000);
+    for (const pid of workers) expect(fs.existsSync(`/proc/${pid}`)).toBe(false);
+  }, 180_000);
+
+  it('when a second signal follows SIGTERM, then each worker stops at once (SIGKILL) and the primary reports it and exits with 1', async () => {
+    const { primary, exited, output } = await startStuckCluster({ SHUTDOWN_TIMEOUT_MS: '600000' });
+    primary.kill('SIGTERM');
+    await until(async () => count(output.join(''), '"msg":"shutting down"') === 2, 30_000, 20);
+    const signalledAt = Date.now();
+    primary.kill('SIGINT');
+    expect(await exited).toBe(1);
+    const log = output.join('');
+    expect(count(log, 'second signal during shutdown: stopping now'), log).toBe(2);
+    expect(count(log, 'worker did not stop cleanly'), log).toBe(2);
+    expect(Date.now() - signalledAt, 'the second signal did not stop the workers at once').toBeLessThan(20_000);
+  }, 180_000);
 });
