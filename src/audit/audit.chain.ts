@@ -198,3 +198,24 @@ export function chainHash(key: KeyObject, prevHash: Buffer, canonical: string): 
 export function chainHashHex(key: KeyObject, prevHashHex: string, canonical: string): string {
   return crypto.createHmac('sha256', key).update(prevHashHex, 'hex').update(canonical, 'utf8').digest('hex');
 }
+
+/**
+ * Whether `storedHashHex` is the chain hash of the event, compared in constant time: someone
+ * who can write rows but lacks the key must not learn, from how long a verify takes, how much of
+ * a forged hash is right (the classic MAC-check timing oracle).
+ */
+export function chainHashMatchesHex(key: KeyObject, prevHashHex: string, canonical: string, storedHashHex: string): boolean {
+  return hexDigestsEqual(chainHashHex(key, prevHashHex, canonical), storedHashHex);
+}
+
+/**
+ * Two hex digests are equal, in time that depends on their length only (which is public): no
+ * early exit. In JS over the strings, as crypto.timingSafeEqual would need two Buffer decodes
+ * per event on the verifier's hot path.
+ */
+export function hexDigestsEqual(a: string, b: string): boolean {
+  if (a.length !== b.length) return false;
+  let difference = 0;
+  for (let i = 0; i < a.length; i++) difference |= a.charCodeAt(i) ^ b.charCodeAt(i);
+  return difference === 0;
+}

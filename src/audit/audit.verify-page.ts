@@ -12,7 +12,7 @@
  * canonical JSON — is not its stored hash is `hash_mismatch`.
  */
 import type { KeyObject } from 'node:crypto';
-import { canonicalEvent, canonicalJson, chainHashHex } from './audit.chain.js';
+import { canonicalEvent, canonicalJson, chainHashMatchesHex } from './audit.chain.js';
 
 /**
  * A page as the repository reads it. `columns`: each column aggregated into one text by the
@@ -162,7 +162,7 @@ export function verifyChainPage(key: KeyObject, page: ChainPageData, from: numbe
       requestId: rows.requestIds[i] as string | null,
     });
     const hash = rows.hash(i);
-    if (chainHashHex(key, prev, canonical) !== hash) {
+    if (!chainHashMatchesHex(key, prev, canonical, hash)) {
       outcome.failure = { position, reason: 'hash_mismatch' };
       return outcome;
     }

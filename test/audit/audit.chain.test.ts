@@ -1,4 +1,5 @@
 import crypto from 'node:crypto';
+import fc from 'fast-check';
 import { describe, expect, it } from 'vitest';
 import {
   canonicalEvent,
@@ -6,7 +7,9 @@ import {
   canonicalTime,
   chainHash,
   chainHashHex,
+  chainHashMatchesHex,
   GENESIS_HASH,
+  hexDigestsEqual,
   InvalidAuditEventError,
   prepareEvent,
 } from '../../src/audit/audit.chain.js';
@@ -54,6 +57,29 @@ describe('the keyed chain hash', () => {
     expect(chainHash(key, prev, canonical).equals(expected)).toBe(true);
     expect(chainHashHex(key, prev.toString('hex'), canonical)).toBe(expected.toString('hex'));
     expect(GENESIS_HASH.equals(Buffer.alloc(32))).toBe(true);
+  });
+});
+
+describe('checking a stored chain hash', () => {
+  const key = crypto.createSecretKey(crypto.randomBytes(32));
+  const prev = crypto.randomBytes(32).toString('hex');
+  const canonical = '{"action":"key.deliver"}';
+  const right = chainHashHex(key, prev, canonical);
+  const flipped = (hex: string, at: number) => hex.slice(0, at) + (hex[at] === '0' ? '1' : '0') + hex.slice(at + 1);
+
+  it('when the stored hash is the HMAC, then it matches; when any one digit differs (first, middle, last), or the length, then not', () => {
+    expect(chainHashMatchesHex(key, prev, canonical, right)).toBe(true);
+    for (const at of [0, 31, 63]) expect(chainHashMatchesHex(key, prev, canonical, flipped(right, at)), `digit ${at}`).toBe(false);
+    expect(chainHashMatchesHex(key, prev, canonical, right.slice(0, 62))).toBe(false);
+    expect(chainHashMatchesHex(key, prev, canonical, `${right}00`)).toBe(false);
+    expect(chainHashMatchesHex(key, prev, canonical, '')).toBe(false);
+    expect(chainHashMatchesHex(key, flipped(prev, 5), canonical, right)).toBe(false);
+  });
+
+  it('when two strings are compared in constant time, then the answer is that of ===, for any pair', () => {
+    const hex = fc.string({ unit: fc.constantFrom(...'0123456789abcdef'), minLength: 0, maxLength: 70 });
+    fc.assert(fc.property(hex, hex, (a, b) => hexDigestsEqual(a, b) === (a === b)));
+    fc.assert(fc.property(hex, fc.nat(69), (a, at) => hexDigestsEqual(a, at < a.length ? flipped(a, at) : a) === !(at < a.length)));
   });
 });
 
