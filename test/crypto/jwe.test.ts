@@ -2,7 +2,7 @@ import crypto from 'node:crypto';
 import fc from 'fast-check';
 import { describe, expect, it } from 'vitest';
 import { compactDecrypt, decodeProtectedHeader, exportJWK, generateKeyPair } from 'jose';
-import { encryptKeySet, importDeliveryKey, parseDeliveryJwk } from '../../src/crypto/jwe.js';
+import { base64urlLength, encryptKeySet, importDeliveryKey, keySetPayload, parseDeliveryJwk, writeBase64url } from '../../src/crypto/jwe.js';
 import { BadRequestError } from '../../src/http/errors.js';
 
 describe('JWE key delivery', () => {
@@ -71,5 +71,53 @@ describe('JWE key delivery', () => {
       const clean = Object.fromEntries(Object.entries(input).filter(([, v]) => v !== undefined));
       await expect(parseDeliveryJwk(clean)).rejects.toBeInstanceOf(BadRequestError);
     }
+  });
+});
+
+describe('the key-set payload', () => {
+  const spread = (keys: { kid: string; key: Buffer; meta: Record<string, unknown> }[]) =>
+    JSON.stringify({ keys: keys.map((k) => ({ ...k.meta, kty: 'oct', alg: 'A256GCM', kid: k.kid, k: k.key.toString('base64url') })) });
+
+  it('when keys of any length carry metadata, then the bytes are exactly the JSON of the spread form', () => {
+    const metaValue = fc.oneof(fc.string({ unit: 'binary' }), fc.integer(), fc.double(), fc.constant(null), fc.boolean());
+    const name = fc.string({ unit: 'binary' }).filter((n) => !['kty', 'alg', 'kid', 'k'].includes(n));
+    fc.assert(
+      fc.property(fc.array(fc.record({ kid: fc.string({ unit: 'binary' }), key: fc.uint8Array({ maxLength: 70 }), meta: fc.dictionary(name, metaValue) }), { maxLength: 8 }), (items) => {
+        const keys = items.map((item) => ({ kid: item.kid, key: Buffer.from(item.key), meta: item.meta as Record<string, unknown> }));
+        const payload = keySetPayload(keys);
+        expect(payload.toString('utf8')).toBe(spread(keys));
+        // its own ArrayBuffer, whole: it is moved to the JWE thread, never a slice of the shared pool
+        expect([payload.byteOffset, payload.buffer.byteLength]).toEqual([0, payload.length]);
+      }),
+      { numRuns: 300 },
+    );
+  });
+
+  it('when metadata holds members named kty, alg, kid or k, then those are left out and ours stay; __proto__ stays a plain member', () => {
+    const key = crypto.randomBytes(32);
+    const meta = JSON.parse('{"kty":"RSA","alg":"none","kid":"forged","k":"AAAA","version":3,"__proto__":"x"}') as Record<string, unknown>;
+    const set = JSON.parse(keySetPayload([{ kid: 'dev-1:v3', key, meta }]).toString('utf8')) as { keys: Record<string, unknown>[] };
+    expect(set.keys).toHaveLength(1);
+    expect(Object.entries(set.keys[0]!)).toEqual([
+      ['version', 3],
+      ['__proto__', 'x'],
+      ['kty', 'oct'],
+      ['alg', 'A256GCM'],
+      ['kid', 'dev-1:v3'],
+      ['k', key.toString('base64url')],
+    ]);
+    expect(keySetPayload([]).toString('utf8')).toBe('{"keys":[]}');
+  });
+
+  it('when bytes are base64url-encoded into a buffer, then they equal Buffer\'s unpadded base64url and fill exactly base64urlLength bytes', () => {
+    fc.assert(
+      fc.property(fc.uint8Array({ maxLength: 200 }), fc.nat(8), (bytes, at) => {
+        const out = Buffer.alloc(at + base64urlLength(bytes.length) + 3, 0xff);
+        expect(writeBase64url(bytes, out, at)).toBe(at + base64urlLength(bytes.length));
+        expect(out.subarray(at, at + base64urlLength(bytes.length)).toString('latin1')).toBe(Buffer.from(bytes).toString('base64url'));
+        expect([...out.subarray(0, at), ...out.subarray(at + base64urlLength(bytes.length))].every((b) => b === 0xff)).toBe(true);
+      }),
+      { numRuns: 500 },
+    );
   });
 });
